@@ -1,0 +1,1 @@
+"""Procedural image-caption data (coloured shapes) for training and evaluating tiny models."""

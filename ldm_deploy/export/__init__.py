@@ -1,0 +1,1 @@
+"""Export SD-class pipelines to validated ONNX artifacts (needs the ``export`` extra)."""

@@ -1,0 +1,83 @@
+"""``ldm-export``: an SD-class pipeline -> a validated ONNX artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import cli_entry
+from ..specs import COMPONENTS
+
+EPILOG = """\
+models: sd15, sd14 (hub aliases), any hub id, a local diffusers pipeline directory,
+        tiny (embedded trained model), tiny-random, sd15-random (seeded random weights)
+
+examples:
+  ldm-export --model sd15 --fp16 -o sd15-fp16/
+  ldm-export --model tiny -o tiny-onnx/
+  ldm-export --model ./my-pipeline --height 768 --width 512 --max-batch 2 -o out/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ldm-export",
+        description="Export the text encoder, U-Net, VAE encoder and VAE decoder of a Stable Diffusion "
+        "1.x-class pipeline to ONNX with dynamic batch/height/width, check each against PyTorch, "
+        "and write an artifact directory with a manifest.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="alias, hub id, local pipeline dir, or built-in model name")
+    p.add_argument("-o", "--output", type=Path, help="artifact directory to write (default: ./<model>-onnx[-fp16])")
+    p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (converted graph on CPU-only machines)")
+    p.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 graph inputs/outputs too (default: keep fp32 I/O)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--height", type=int, help="image height the graphs are validated at (default: the model's native size)")
+    p.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    p.add_argument("--batch", type=int, default=1, help="typical prompts per call, the opt point of the batch axis (default 1)")
+    p.add_argument("--max-batch", type=int, default=4, help="largest prompts per call (the U-Net gets 2x with CFG; default 4)")
+    p.add_argument("--min-size", type=int, help="smallest image side supported (default: half the export size)")
+    p.add_argument("--max-size", type=int, help="largest image side supported (default: twice the export size)")
+    p.add_argument("--optimize", nargs="?", const="cpu", choices=("cpu", "cuda", "tensorrt"),
+                   help="graph optimisation for a target: cpu/tensorrt = portable clean-up, cuda = ORT fusions")
+    p.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to export")
+    p.add_argument("--no-validate", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
+    return p
+
+
+@cli_entry("ldm-export")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .exporter import ExportOptions, export_model  # heavy imports after --help
+
+    out = args.output or Path(f"{Path(args.model).name}-onnx{'-fp16' if args.fp16 else ''}")
+    opts = ExportOptions(
+        fp16=args.fp16,
+        keep_io_types=not args.fp16_io,
+        opset=args.opset,
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        max_batch=args.max_batch,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        optimize=args.optimize,
+        validate=not args.no_validate,
+        components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
+    )
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    manifest = export_model(args.model, out, opts, overwrite=args.overwrite, log=log)
+    stats = manifest["stats"]
+    statuses = {k: v["status"] for k, v in manifest["validation"].items()}
+    print(f"wrote {out} ({manifest['precision']}, {stats['export_seconds']} s, peak RSS "
+          f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB; validation: "
+          + ", ".join(f"{k} {v}" for k, v in statuses.items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

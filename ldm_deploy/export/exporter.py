@@ -1,0 +1,248 @@
+"""Export an SD-class pipeline into a validated ONNX artifact directory."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..artifact import ArtifactWriter, library_versions, peak_rss_bytes, write_json
+from ..errors import LdmDeployError, ValidationError
+from ..inputs import example_inputs
+from ..specs import COMPONENTS, ComponentSpec, ShapeRanges, component_specs
+
+# Exported first: the U-Net is the largest, so its torch weights are freed before the others'
+# sessions are built.
+EXPORT_ORDER = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
+
+
+@dataclass
+class ExportOptions:
+    fp16: bool = False
+    keep_io_types: bool = True
+    opset: int = 18
+    height: int | None = None  # image size the graphs are validated and optimised at
+    width: int | None = None
+    batch: int = 1
+    max_batch: int = 4
+    min_size: int | None = None
+    max_size: int | None = None
+    optimize: str | None = None  # None | "cpu" | "cuda" | "tensorrt"
+    validate: bool = True
+    components: tuple[str, ...] = COMPONENTS
+    native_fp16: bool | None = None  # None: use a fp16 torch model when CUDA is available
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
+    """Validate the user's sizes and build the artifact's shape ranges."""
+    h = opts.height or native
+    w = opts.width or native
+    for label, v in (("height", h), ("width", w), ("min-size", opts.min_size), ("max-size", opts.max_size)):
+        if v is None:
+            continue
+        if v <= 0 or v % 8:
+            raise LdmDeployError(f"{label} {v} is not a positive multiple of 8")
+        if v % size_multiple:
+            raise LdmDeployError(
+                f"{label} {v} is not a multiple of {size_multiple} (this model's U-Net downsamples the "
+                f"{vae_scale}x-smaller latent {size_multiple // vae_scale}x)"
+            )
+    lo = opts.min_size or max(size_multiple, (min(h, w) // 2) // size_multiple * size_multiple)
+    hi = opts.max_size or 2 * max(h, w)
+    if opts.batch < 1 or opts.max_batch < opts.batch:
+        raise LdmDeployError(f"batch {opts.batch} / max-batch {opts.max_batch}: need 1 <= batch <= max-batch")
+    try:
+        return ShapeRanges(
+            batch=(1, opts.batch, opts.max_batch),
+            image_height=(min(lo, h), h, max(hi, h)),
+            image_width=(min(lo, w), w, max(hi, w)),
+            vae_scale=vae_scale,
+            size_multiple=size_multiple,
+        )
+    except ValueError as e:
+        raise LdmDeployError(str(e)) from None
+
+
+def _quiet_exporter_logs() -> None:
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def export_model(
+    model_name: str,
+    out: Path,
+    opts: ExportOptions,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Export ``model_name`` into the artifact directory ``out``; returns its manifest.
+
+    Raises :class:`ValidationError` (and leaves no artifact) when a component is out of tolerance.
+    """
+    import torch
+
+    from ..models import load_model
+    from .fp16 import convert_to_fp16
+    from .onnx_export import export_component, trace_sizes
+    from .optimize import optimize
+    from .tokenizer import write_tokenizer
+    from .wrappers import component_module
+
+    _quiet_exporter_logs()
+    unknown = [c for c in opts.components if c not in COMPONENTS]
+    if unknown:
+        raise LdmDeployError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    start = time.perf_counter()
+    with ArtifactWriter(out, overwrite=overwrite) as writer:
+        native = opts.native_fp16 if opts.native_fp16 is not None else (opts.fp16 and torch.cuda.is_available())
+        device = "cuda" if native else "cpu"
+        dtype = torch.float16 if native else torch.float32
+        log(f"loading {model_name} ({'fp16 on CUDA' if native else 'fp32 on CPU'})")
+        model = load_model(model_name, dtype=dtype, device=device)
+        dims = model.dims()
+        native_size = int(model.unet.config.sample_size) * dims.vae_scale
+        ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
+        specs = component_specs(dims)
+        precision = "fp16" if opts.fp16 else "fp32"
+        io_dtype = "float16" if opts.fp16 and not opts.keep_io_types else "float32"
+        scratch = writer.path / ".scratch"
+        components: dict[str, Any] = {}
+        validation: dict[str, Any] = {}
+        order = [c for c in EXPORT_ORDER if c in opts.components]
+        for i, name in enumerate(order, 1):
+            t0 = time.perf_counter()
+            spec = specs[name]
+            module = component_module(name, model)
+            final = writer.path / name / "model.onnx"
+            steps = ["export"] + (["optimize"] if opts.optimize else []) + (["fp16"] if opts.fp16 and not native else [])
+            paths = [final if j == len(steps) - 1 else scratch / name / f"{s}.onnx" for j, s in enumerate(steps)]
+            val_inputs = example_inputs(spec, ranges.sizes("opt"), io_dtype, seed=1)
+            reference = _torch_forward(module, spec, val_inputs) if opts.validate else None
+            log(f"[{i}/{len(order)}] {name}: exporting")
+            export_component(module, spec, example_inputs(spec, trace_sizes(ranges, dims.unet_factor)), ranges,
+                             dims.unet_factor, paths[0], opset=opts.opset)
+            # The torch weights are no longer needed: free them before ONNX Runtime loads the graph.
+            _release(model, name)
+            del module
+            gc.collect()
+            for j, step in enumerate(steps[1:], 1):
+                log(f"[{i}/{len(order)}] {name}: {step}")
+                if step == "optimize":
+                    optimize(paths[j - 1], paths[j], name, opts.optimize or "cpu", fp16=False)
+                else:
+                    convert_to_fp16(paths[j - 1], paths[j], keep_io_types=opts.keep_io_types)
+                _remove_graph(paths[j - 1])
+            shutil.rmtree(scratch / name, ignore_errors=True)
+            if reference is not None:
+                log(f"[{i}/{len(order)}] {name}: validating against PyTorch at {_fmt_shapes(val_inputs)}")
+                validation[name] = _validate(name, final, val_inputs, reference, precision, opts.optimize)
+                _report_line(validation[name], log)
+            else:
+                validation[name] = {"component": name, "status": "skipped", "how": "--no-validate"}
+            components[name] = {
+                "file": f"{name}/model.onnx",
+                "spec": spec.to_dict(),
+                "export_seconds": round(time.perf_counter() - t0, 2),
+            }
+            log(f"[{i}/{len(order)}] {name}: done in {time.perf_counter() - t0:.1f} s")
+        shutil.rmtree(scratch, ignore_errors=True)
+        failed = {k: v for k, v in validation.items() if v["status"] == "failed"}
+        if failed:
+            detail = "; ".join(f"{k}: {', '.join(v['problems'])}" for k, v in failed.items())
+            raise ValidationError(f"parity check failed ({detail}); no artifact was written")
+        write_tokenizer(model.tokenizer_dir, writer.path / "tokenizer")
+        (writer.path / "scheduler").mkdir()
+        write_json(writer.path / "scheduler" / "scheduler_config.json", model.scheduler_config)
+        writer.manifest.update(
+            {
+                "stage": "export",
+                "source": model.source,
+                "precision": precision,
+                "io_dtype": io_dtype,
+                "fp16_method": ("native-cuda" if native else "onnx-conversion") if opts.fp16 else None,
+                "opset": opts.opset,
+                "optimize": opts.optimize,
+                "model_dims": dims.__dict__,
+                "shape_ranges": ranges.to_dict(),
+                "components": components,
+                "validation": validation,
+                "versions": library_versions(),
+                "stats": {
+                    "export_seconds": round(time.perf_counter() - start, 1),
+                    "peak_rss_bytes": peak_rss_bytes(),
+                },
+            }
+        )
+        manifest = writer.manifest
+    return manifest
+
+
+def _remove_graph(path: Path) -> None:
+    """Delete an intermediate graph and its external data."""
+    path.unlink(missing_ok=True)
+    (path.parent / (path.name + ".data")).unlink(missing_ok=True)
+
+
+def _release(model, component: str) -> None:  # type: ignore[no-untyped-def]
+    if component == "unet":
+        model.unet = _Config(model.unet.config)
+    elif component == "text_encoder":
+        model.text_encoder = _Config(model.text_encoder.config)
+
+
+class _Config:
+    """Stands in for a freed torch module: keeps only its config."""
+
+    def __init__(self, config):  # type: ignore[no-untyped-def]
+        self.config = config
+
+
+def _torch_forward(module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    import torch
+
+    param = next(module.parameters())
+    args = [torch.from_numpy(inputs[n]).to(param.device) for n in spec.input_names]
+    args = [a.to(param.dtype) if a.is_floating_point() else a for a in args]
+    with torch.no_grad():
+        return module(*args).float().cpu().numpy()
+
+
+def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: np.ndarray, precision: str,
+              optimize_target: str | None) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from ..runtime.sessions import make_session
+    from .validate import validate
+
+    provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    if optimize_target == "cuda" and provider != "cuda":
+        return {"component": name, "status": "not-validated",
+                "how": "graph fused for the CUDA execution provider, which this machine lacks"}
+    session = make_session(path, provider)
+    how = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
+    if precision == "fp16" and provider == "cpu":
+        how += " (fp16 graph; ops without fp16 CPU kernels run in fp32 behind inserted casts)"
+    feeds = {k: v for k, v in inputs.items()}
+    result = validate(name, lambda x: session.run(None, x)[0], reference, feeds, precision, how)
+    del session
+    gc.collect()
+    return result
+
+
+def _fmt_shapes(inputs: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items())
+
+
+def _report_line(r: dict[str, Any], log: Callable[[str], None]) -> None:
+    if r["status"] in ("passed", "failed"):
+        log(f"    {r['status']}: max_abs {r['max_abs']:.3g}  max_rel {r['max_rel']:.3g}  cosine {r['cosine']:.7f}"
+            + (f"  ({'; '.join(r['problems'])})" if r["problems"] else ""))
+    else:
+        log(f"    {r['status']}: {r['how']}")

@@ -1,0 +1,62 @@
+"""fp32 -> fp16 graph conversion that works without a GPU (onnxconverter-common)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+# Ops kept in fp32: reductions and normalisations whose intermediate sums overflow fp16,
+# softmax/exp (attention logits), the timestep embedding's sin/cos/exp (arguments up to ~1000),
+# Resize (its scales input must stay float32) and random generators.
+FP16_OP_BLOCK_LIST = (
+    "Pow", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Softmax", "Exp", "Sin", "Cos", "Range",
+    "Erf", "InstanceNormalization", "GroupNormalization", "LayerNormalization", "Resize",
+    "RandomNormalLike", "RandomNormal", "RandomUniformLike",
+)
+_SHAPE_INFER_LIMIT = 2_000_000_000
+
+
+def convert_to_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_list: tuple[str, ...] = FP16_OP_BLOCK_LIST) -> Path:
+    """Convert the fp32 graph at ``src`` to fp16 at ``dst``.
+
+    With ``keep_io_types`` the graph keeps float32 inputs and outputs (casts inside), so callers
+    feed and read float32 whatever the precision."""
+    from onnxconverter_common import float16
+
+    size = sum(p.stat().st_size for p in src.parent.iterdir() if p.name.startswith(src.name))
+    model = onnx.load(str(src), load_external_data=True)
+    model = float16.convert_float_to_float16(
+        model,
+        keep_io_types=keep_io_types,
+        op_block_list=list(op_block_list),
+        disable_shape_infer=size > _SHAPE_INFER_LIMIT,
+    )
+    want = TensorProto.FLOAT if keep_io_types else TensorProto.FLOAT16
+    _force_output_types(model, want)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    large = model.ByteSize() > _SHAPE_INFER_LIMIT if size <= _SHAPE_INFER_LIMIT else True
+    if large:
+        data = dst.name + ".data"
+        if (dst.parent / data).exists():
+            os.remove(dst.parent / data)
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+    return dst
+
+
+def _force_output_types(model: onnx.ModelProto, elem_type: int) -> None:
+    """Append a Cast to any float output the converter left in the other float type."""
+    graph = model.graph
+    for out in graph.output:
+        t = out.type.tensor_type
+        if t.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.elem_type != elem_type:
+            inner = out.name + "_before_cast"
+            for node in graph.node:
+                node.output[:] = [inner if o == out.name else o for o in node.output]
+                node.input[:] = [inner if i == out.name else i for i in node.input]
+            graph.node.append(helper.make_node("Cast", [inner], [out.name], to=elem_type, name=out.name + "_cast"))
+            t.elem_type = elem_type

@@ -1,0 +1,53 @@
+"""Target-aware graph optimisation of exported components.
+
+* ``cpu`` / portable: ONNX Runtime's *basic* offline optimisations (constant folding, redundant
+  node elimination, semantics-preserving fusions). The result is plain ONNX that any execution
+  provider, TensorRT included, can load.
+* ``cuda``: ONNX Runtime's transformer optimizer with its diffusion fusions (attention,
+  GroupNorm, BiasSplitGelu, ...). These produce ``com.microsoft`` contrib ops that only the CUDA
+  execution provider implements, so such graphs are validated only where CUDA is available.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+TARGETS = ("cpu", "cuda", "tensorrt")
+_ORT_MODEL_TYPES = {"unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae", "text_encoder": "clip"}
+
+
+def optimize_portable(src: Path, dst: Path, external_data: bool) -> Path:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    if external_data:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+    return dst
+
+
+def optimize_cuda(src: Path, dst: Path, component: str, external_data: bool, fp16: bool) -> Path:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = _ORT_MODEL_TYPES[component]
+    options = FusionOptions(model_type)
+    m = optimize_model(str(src), model_type=model_type, opt_level=0, optimization_options=options, use_gpu=True)
+    if fp16:
+        m.convert_float_to_float16(keep_io_types=True)
+    m.save_model_to_file(str(dst), use_external_data_format=external_data)
+    return dst
+
+
+def optimize(src: Path, dst: Path, component: str, target: str, fp16: bool = False) -> Path:
+    """Optimise ``src`` for ``target`` into ``dst`` (a different path in the same folder)."""
+    external = (src.parent / (src.name + ".data")).exists()
+    if target == "cuda":
+        out = optimize_cuda(src, dst, component, external, fp16)
+    else:
+        out = optimize_portable(src, dst, external)
+    return out

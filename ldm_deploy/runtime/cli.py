@@ -1,0 +1,87 @@
+"""``ldm-generate``: images from an exported artifact with the torch-free runtime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import LdmDeployError, cli_entry
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ldm-generate",
+        description="Generate images from an ldm-deploy artifact (DDIM + classifier-free guidance, "
+        "ONNX Runtime, no PyTorch).",
+        epilog='example: ldm-generate tiny-onnx/ "a small red circle on a blue background, top left" -o out.png',
+    )
+    p.add_argument("artifact", type=Path, help="artifact directory written by ldm-export / ldm-quantize")
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                   help="output PNG; with several images, _0, _1, ... are appended (default out.png)")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it (default 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, help="image height (default: the artifact's export size)")
+    p.add_argument("--width", type=int, help="image width (default: the artifact's export size)")
+    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--image", type=Path, help="init image for img2img")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
+    p.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, tensorrt (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry("ldm-generate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from PIL import Image
+
+    from .pipeline import Pipeline
+
+    init = None
+    if args.image is not None:
+        if not args.image.is_file():
+            raise LdmDeployError(f"init image {args.image} does not exist")
+        try:
+            init = Image.open(args.image).convert("RGB")
+        except OSError as e:
+            raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
+    components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ())
+    pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads, verify=not args.no_verify,
+                         components=components)
+    out = pipe(
+        args.prompt,
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+        eta=args.eta,
+        image=init,
+        strength=args.strength,
+        progress=not args.quiet,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    paths = [args.output] if len(out.images) == 1 else [
+        args.output.with_name(f"{args.output.stem}_{i}{args.output.suffix or '.png'}") for i in range(len(out.images))
+    ]
+    for im, path in zip(out.images, paths):
+        tmp = path.with_name(f".{path.name}.tmp")
+        im.save(tmp, format="PNG")
+        tmp.replace(path)
+    t = out.timings
+    print(f"wrote {', '.join(map(str, paths))} ({t['steps']} steps, U-Net {t['unet']:.2f} s, "
+          f"total {sum(v for k, v in t.items() if k != 'steps'):.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Component specs: the one declaration of each exported graph's inputs, outputs, dtypes and
+dynamic axes, read by export, validation, calibration, TensorRT profiles and runtime binding.
+
+Pure data and numpy-free arithmetic: this module must stay importable without torch.
+
+Dynamic axes (the ``dim_param`` names written into the ONNX graphs, one TensorRT profile
+dimension each):
+
+================  =========================================================  ================
+axis              meaning                                                    used by
+================  =========================================================  ================
+``batch``         prompts per call (B)                                       text_encoder, VAE
+``unet_batch``    U-Net batch: 2B with classifier-free guidance, B without   unet
+``height``        latent height (image height / vae_scale)                   unet, vae_decoder
+``width``         latent width  (image width / vae_scale)                    unet, vae_decoder
+``image_height``  image height in pixels                                     vae_encoder (in), vae_decoder (out)
+``image_width``   image width in pixels                                      vae_encoder (in), vae_decoder (out)
+================  =========================================================  ================
+
+The token sequence length is static (77 for CLIP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Union
+
+Point = Literal["min", "opt", "max"]
+Dim = Union[int, str]
+
+AXES = ("batch", "unet_batch", "height", "width", "image_height", "image_width")
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+# "float" follows the artifact's I/O precision (float32, or float16 for fp16 I/O).
+FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float" | "float32" | "int32" | "int64"
+    shape: tuple[Dim, ...]
+
+    def resolve_dtype(self, io_dtype: str) -> str:
+        return io_dtype if self.dtype == FLOAT else self.dtype
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def concrete_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else sizes[d] for d in self.shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.concrete_shape(sizes) for t in self.inputs}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ComponentSpec":
+        def tensors(items: list[dict]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        return cls(d["name"], tensors(d["inputs"]), tensors(d["outputs"]))
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The static sizes of one model that the specs depend on (read from its configs)."""
+
+    text_hidden: int = 768
+    seq_len: int = 77
+    latent_channels: int = 4
+    image_channels: int = 3
+    vae_scale: int = 8  # pixels per latent cell
+    unet_factor: int = 8  # the U-Net's total downsampling: latent sizes must be multiples of it
+    vae_scaling_factor: float = 0.18215
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes (pixels) must be multiples of this."""
+        return self.vae_scale * self.unet_factor
+
+
+def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
+    """The four SD components' I/O, with this model's static sizes filled in."""
+    c, s, d = dims.latent_channels, dims.seq_len, dims.text_hidden
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ("batch", s)),),
+            outputs=(TensorSpec("text_embeddings", FLOAT, ("batch", s, d)),),
+        ),
+        "unet": ComponentSpec(
+            "unet",
+            inputs=(
+                TensorSpec("sample", FLOAT, ("unet_batch", c, "height", "width")),
+                TensorSpec("timestep", FLOAT, (1,)),
+                TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", s, d)),
+            ),
+            outputs=(TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "height", "width")),),
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(TensorSpec("image", FLOAT, ("batch", dims.image_channels, "image_height", "image_width")),),
+            # mean and log-variance of the latent distribution, unscaled (as diffusers' VAE)
+            outputs=(TensorSpec("latent_parameters", FLOAT, ("batch", 2 * c, "height", "width")),),
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(TensorSpec("latent", FLOAT, ("batch", c, "height", "width")),),
+            outputs=(TensorSpec("image", FLOAT, ("batch", dims.image_channels, "image_height", "image_width")),),
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """min/opt/max of every dynamic axis. Built from user-facing batch and image-size ranges;
+    one instance drives export (dynamic dims), validation (opt), TensorRT profiles and runtime
+    checks."""
+
+    batch: tuple[int, int, int]
+    image_height: tuple[int, int, int]
+    image_width: tuple[int, int, int]
+    vae_scale: int = 8
+    size_multiple: int = 64
+    cfg: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "image_height", "image_width"):
+            lo, opt, hi = getattr(self, name)
+            if not (1 <= lo <= opt <= hi):
+                raise ValueError(f"{name} range must satisfy 1 <= min <= opt <= max, got {lo}:{opt}:{hi}")
+        for name in ("image_height", "image_width"):
+            for v in getattr(self, name):
+                if v % self.size_multiple:
+                    raise ValueError(f"{name} {v} is not a multiple of {self.size_multiple}")
+
+    def axes(self) -> dict[str, tuple[int, int, int]]:
+        b, h, w, f = self.batch, self.image_height, self.image_width, self.vae_scale
+        unet = (b[0], 2 * b[1], 2 * b[2]) if self.cfg else b
+        return {
+            "batch": b,
+            "unet_batch": unet,
+            "height": tuple(v // f for v in h),
+            "width": tuple(v // f for v in w),
+            "image_height": h,
+            "image_width": w,
+        }
+
+    def sizes(self, point: Point = "opt") -> dict[str, int]:
+        i = ("min", "opt", "max").index(point)
+        return {name: r[i] for name, r in self.axes().items()}
+
+    def check(self, axis: str, value: int) -> None:
+        lo, _, hi = self.axes()[axis]
+        if not lo <= value <= hi:
+            raise ValueError(f"{axis} {value} is outside the artifact's exported range [{lo}, {hi}]")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes"] = self.axes()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShapeRanges":
+        keys = ("batch", "image_height", "image_width", "vae_scale", "size_multiple", "cfg")
+        return cls(**{k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in keys})
+
+
+@dataclass
+class TrtProfile:
+    """One TensorRT optimization profile: input name -> (min, opt, max) shapes."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+def trt_profile(spec: ComponentSpec, ranges: ShapeRanges) -> TrtProfile:
+    """Derive the TensorRT optimization profile of a component from its spec and the ranges."""
+    pts = [ranges.sizes(p) for p in ("min", "opt", "max")]
+    return TrtProfile({t.name: tuple(t.concrete_shape(s) for s in pts) for t in spec.inputs})  # type: ignore[misc]
