@@ -131,6 +131,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: float,
               gen: torch.Generator, log_every: int) -> dict:
     vae.train()
+    # Start with a small posterior std (logvar bias -6): with the default logvar ~0 the
+    # sampled latents are drowned in unit noise and reconstruction learns very slowly.
+    with torch.no_grad():
+        c = vae.config.latent_channels
+        vae.quant_conv.bias[c:] = -6.0
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     n = len(images)
     t0 = time.time()
@@ -149,7 +154,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_wei
         loss = l1 + mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
         opt.step()
         hist.append((l1.item(), mse.item(), kl.item()))
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -159,6 +164,98 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_wei
                 f"{el:.0f}s elapsed, eta {el / (step + 1) * (steps - step - 1):.0f}s")
     h = np.mean(hist[-min(50, len(hist)):], axis=0)
     return dict(l1=float(h[0]), mse=float(h[1]), kl=float(h[2]), seconds=time.time() - t0)
+
+
+def finetune_decoder(vae, images: np.ndarray, lat_mean, lat_std, steps: int, batch: int, lr: float,
+                     gen: torch.Generator, log_every: int, deadline: float = 0.0) -> dict:
+    """Fine-tune only the VAE decoder (post_quant_conv + decoder) on the frozen encoder's
+    latents: the latent space the U-Net was trained on does not change."""
+    vae.requires_grad_(False)
+    dec_params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    for q in dec_params:
+        q.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(dec_params, lr=lr, weight_decay=0.0)
+    n = len(images)
+    t0 = time.time()
+    hist = []
+    done = steps
+    for step in range(steps):
+        if deadline and time.time() > deadline:
+            log(f"[decoder] wall-time cap reached: stopping after {step} of {steps} steps")
+            done = step
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1))
+        idx = torch.randint(0, n, (batch,), generator=gen)
+        x = to_tensor(images[idx.numpy()])
+        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        loss = l1 + mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec_params, 5.0)
+        opt.step()
+        hist.append((l1.item(), mse.item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            h = np.mean(hist[-log_every:], axis=0)
+            el = time.time() - t0
+            log(f"[decoder] step {step + 1}/{steps}  l1 {h[0]:.4f}  mse {h[1]:.5f}  {el:.0f}s elapsed, "
+                f"eta {el / (step + 1) * (steps - step - 1):.0f}s")
+    vae.eval().requires_grad_(False)
+    h = np.mean(hist[-min(50, len(hist)):], axis=0) if hist else (float("nan"), float("nan"))
+    return dict(l1=float(h[0]), mse=float(h[1]), seconds=time.time() - t0, steps_done=done)
+
+
+@torch.no_grad()
+def heldout_recon_l1(vae, seed: int) -> float:
+    him, _, _ = shapes.make_dataset(64, seed=seed + 99, split="heldout", size=MODEL_CONFIG["image_size"])
+    xh = to_tensor(him)
+    rec = vae.decode(vae.encode(xh).latent_dist.mean).sample.clamp(-1, 1)
+    return float((rec - xh).abs().mean())
+
+
+def decoder_only(args, src: Path, out: Path, log_md: Path | None) -> int:
+    """Second training command: fine-tune the decoder of an already trained pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    t_start = time.time()
+    deadline = t_start + 60 * args.max_minutes if args.max_minutes else 0.0
+    pipe = StableDiffusionPipeline.from_pretrained(str(src), torch_dtype=torch.float32)
+    vae = pipe.vae
+    images, _, _ = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
+                                       size=MODEL_CONFIG["image_size"])
+    lat_mean, lat_std = encode_all(vae, images)
+    before = heldout_recon_l1(vae, args.seed)
+    log(f"[decoder] fine-tuning the decoder of {src}; held-out-combo recon L1 before {before:.4f}")
+    st = finetune_decoder(vae, images, lat_mean, lat_std, args.decoder_steps, args.vae_batch, args.decoder_lr,
+                          gen, args.log_every, deadline)
+    after = heldout_recon_l1(vae, args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    compact_saved(out)
+    total = time.time() - t_start
+    text = (
+        "\n## Decoder fine-tune (second command)\n\n"
+        f"Command: `python scripts/train_tiny.py {' '.join(sys.argv[1:])}`\n\n"
+        "Only `post_quant_conv` + decoder are trained, on latents of the frozen encoder (the U-Net's latent "
+        "space and `scaling_factor` are unchanged).\n\n"
+        "| steps | batch | wall time | final L1 / MSE (train) | held-out-combo recon L1 before -> after |\n"
+        "|---|---|---|---|---|\n"
+        f"| {st['steps_done']} (of {args.decoder_steps}) | {args.vae_batch} | {st['seconds']:.0f} s "
+        f"(command total {total:.0f} s) | {st['l1']:.4f} / {st['mse']:.5f} | {before:.4f} -> {after:.4f} |\n"
+    )
+    print(text, flush=True)
+    if log_md is not None and log_md.exists():
+        log_md.write_text(log_md.read_text() + text)
+        log(f"appended to {log_md}")
+    log(f"[save] {out}  {dir_size(out) / 1e6:.2f} MB")
+    return 0
 
 
 @torch.no_grad()
@@ -194,6 +291,33 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    compact_saved(out)
+
+
+def compact_saved(out: Path) -> None:
+    """Shrink a saved pipeline to fit the package's 30 MB budget, losslessly for its use.
+
+    * tokenizer: keep the BPE files (vocab.json + merges.txt, 2.2 MB, exactly the project's
+      ``clip_tokenizer`` asset) instead of the 3.6 MB ``tokenizer.json``;
+    * text encoder: store only the 49408 x hidden token-embedding table as fp16 (all other
+      tensors stay fp32); the model config says float32, so ``from_pretrained`` builds an fp32
+      model and upcasts it. Only ~40 rows of that table are ever used by the shapes prompts.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tok = out / "tokenizer"
+    if (tok / "tokenizer.json").exists():
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(TOKENIZER_DIR / name, tok / name)
+        (tok / "tokenizer.json").unlink()
+    te = out / "text_encoder" / "model.safetensors"
+    sd = load_file(str(te))
+    key = next(k for k in sd if k.endswith("token_embedding.weight"))
+    if sd[key].dtype == torch.float32:
+        sd[key] = sd[key].half()
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(te), metadata={"format": "pt"})
 
 
 def dir_size(p: Path) -> int:
@@ -290,7 +414,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=48.0,
                     help="safety cap on total wall time: U-Net training stops early (and says so) past it; 0 = none")
+    ap.add_argument("--decoder-only", type=Path, default=None, metavar="DIR",
+                    help="instead of training from scratch, fine-tune the VAE decoder of the pipeline in DIR "
+                         "(encoder, U-Net, text encoder unchanged) and save to --out")
+    ap.add_argument("--decoder-steps", type=int, default=1500)
+    ap.add_argument("--decoder-lr", type=float, default=5e-4)
     args = ap.parse_args(argv)
+    if args.decoder_only is not None:
+        if args.quick:
+            args.n_train, args.decoder_steps, args.log_every = min(args.n_train, 512), min(args.decoder_steps, 20), 10
+        return decoder_only(args, args.decoder_only, args.out or args.decoder_only,
+                            args.log_md or (None if args.quick else DEFAULT_LOG))
     if args.quick:
         args.n_train = min(args.n_train, 512)
         args.vae_steps = min(args.vae_steps, 30)

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, help="largest image side supported (default: twice the export size)")
     p.add_argument("--optimize", nargs="?", const="cpu", choices=("cpu", "cuda", "tensorrt"),
                    help="graph optimisation for a target: cpu/tensorrt = portable clean-up, cuda = ORT fusions")
+    p.add_argument("--attention", choices=("auto", "sliced", "full"), default="auto",
+                   help="U-Net self-attention graph: sliced per head (low memory on CPU) or full (the pattern "
+                   "GPU fusions match); auto = full for --optimize cuda/tensorrt or native fp16, else sliced")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="torch.onnx exporter: torchscript (tracing, fast) or dynamo (torch.export)")
     p.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to export")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         optimize=args.optimize,
+        attention=args.attention,
+        exporter=args.exporter,
         validate=not args.no_validate,
         components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
     )

@@ -37,6 +37,8 @@ class ExportOptions:
     validate: bool = True
     components: tuple[str, ...] = COMPONENTS
     native_fp16: bool | None = None  # None: use a fp16 torch model when CUDA is available
+    exporter: str = "torchscript"  # or "dynamo"
+    attention: str = "auto"  # "sliced" (per-head self-attention, lean on CPU), "full", or "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +91,7 @@ def export_model(
     import torch
 
     from ..models import load_model
+    from .attention import use_head_sliced_attention
     from .fp16 import convert_to_fp16
     from .onnx_export import export_component, trace_sizes
     from .optimize import optimize
@@ -96,6 +99,7 @@ def export_model(
     from .wrappers import component_module
 
     _quiet_exporter_logs()
+    log = _with_rss(log)
     unknown = [c for c in opts.components if c not in COMPONENTS]
     if unknown:
         raise LdmDeployError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
@@ -110,6 +114,11 @@ def export_model(
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
         ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
         specs = component_specs(dims)
+        attention = opts.attention
+        if attention == "auto":  # fused-attention targets want the plain pattern
+            attention = "full" if native or opts.optimize in ("cuda", "tensorrt") else "sliced"
+        if attention == "sliced":
+            use_head_sliced_attention(model.unet)
         precision = "fp16" if opts.fp16 else "fp32"
         io_dtype = "float16" if opts.fp16 and not opts.keep_io_types else "float32"
         scratch = writer.path / ".scratch"
@@ -127,11 +136,11 @@ def export_model(
             reference = _torch_forward(module, spec, val_inputs) if opts.validate else None
             log(f"[{i}/{len(order)}] {name}: exporting")
             export_component(module, spec, example_inputs(spec, trace_sizes(ranges, dims.unet_factor)), ranges,
-                             dims.unet_factor, paths[0], opset=opts.opset)
+                             dims.unet_factor, paths[0], opset=opts.opset, exporter=opts.exporter)
             # The torch weights are no longer needed: free them before ONNX Runtime loads the graph.
             _release(model, name)
             del module
-            gc.collect()
+            release_memory()
             for j, step in enumerate(steps[1:], 1):
                 log(f"[{i}/{len(order)}] {name}: {step}")
                 if step == "optimize":
@@ -169,6 +178,8 @@ def export_model(
                 "fp16_method": ("native-cuda" if native else "onnx-conversion") if opts.fp16 else None,
                 "opset": opts.opset,
                 "optimize": opts.optimize,
+                "attention": attention,
+                "exporter": opts.exporter,
                 "model_dims": dims.__dict__,
                 "shape_ranges": ranges.to_dict(),
                 "components": components,
@@ -184,6 +195,17 @@ def export_model(
     return manifest
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _remove_graph(path: Path) -> None:
     """Delete an intermediate graph and its external data."""
     path.unlink(missing_ok=True)
@@ -191,10 +213,19 @@ def _remove_graph(path: Path) -> None:
 
 
 def _release(model, component: str) -> None:  # type: ignore[no-untyped-def]
-    if component == "unet":
-        model.unet = _Config(model.unet.config)
-    elif component == "text_encoder":
-        model.text_encoder = _Config(model.text_encoder.config)
+    """Free the torch weights a finished component no longer needs.
+
+    The storage is dropped in place (``p.data = empty``) because the exporter's graph objects
+    can outlive the export and still reference the parameters."""
+    import torch
+
+    attr = {"unet": "unet", "text_encoder": "text_encoder", "vae_decoder": "vae"}.get(component)
+    if attr is None:  # the VAE is still needed for its decoder
+        return
+    module = getattr(model, attr)
+    for t in list(module.parameters()) + list(module.buffers()):
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    setattr(model, attr, _Config(module.config))
 
 
 class _Config:
@@ -232,8 +263,20 @@ def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: n
     feeds = {k: v for k, v in inputs.items()}
     result = validate(name, lambda x: session.run(None, x)[0], reference, feeds, precision, how)
     del session
-    gc.collect()
+    release_memory()
     return result
+
+
+def _with_rss(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Prefix progress lines with elapsed time and the current resident memory."""
+    import psutil
+
+    proc, t0 = psutil.Process(), time.perf_counter()
+
+    def emit(msg: str) -> None:
+        log(f"[{time.perf_counter() - t0:6.1f}s {proc.memory_info().rss / 2**30:5.2f} GiB] {msg}")
+
+    return emit
 
 
 def _fmt_shapes(inputs: dict[str, np.ndarray]) -> str:

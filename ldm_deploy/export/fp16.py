@@ -24,10 +24,11 @@ def convert_to_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_l
 
     With ``keep_io_types`` the graph keeps float32 inputs and outputs (casts inside), so callers
     feed and read float32 whatever the precision."""
-    from onnxconverter_common import float16
+    from onnxruntime.transformers import float16
 
     size = sum(p.stat().st_size for p in src.parent.iterdir() if p.name.startswith(src.name))
     model = onnx.load(str(src), load_external_data=True)
+    _drop_initializer_identities(model.graph)
     model = float16.convert_float_to_float16(
         model,
         keep_io_types=keep_io_types,
@@ -36,6 +37,7 @@ def convert_to_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_l
     )
     want = TensorProto.FLOAT if keep_io_types else TensorProto.FLOAT16
     _force_output_types(model, want)
+    _topological_sort(model.graph)
     dst.parent.mkdir(parents=True, exist_ok=True)
     large = model.ByteSize() > _SHAPE_INFER_LIMIT if size <= _SHAPE_INFER_LIMIT else True
     if large:
@@ -46,6 +48,45 @@ def convert_to_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_l
     else:
         onnx.save_model(model, str(dst))
     return dst
+
+
+def _drop_initializer_identities(graph: onnx.GraphProto) -> None:
+    """Remove ``Identity`` nodes that alias an initializer (the tracing exporter emits them for
+    shared weights); the converter otherwise leaves their outputs typed float32."""
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        n.input[:] = [alias.get(i, i) for i in n.input]
+    del graph.node[:]
+    graph.node.extend(keep)
+    vi = [v for v in graph.value_info if v.name not in alias]
+    del graph.value_info[:]
+    graph.value_info.extend(vi)
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Order nodes so every input is produced before use (the converter appends its casts)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input near node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def _force_output_types(model: onnx.ModelProto, elem_type: int) -> None:

@@ -22,8 +22,9 @@ def write_tokenizer(src_dir: Path, out_dir: Path) -> None:
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     missing = [name for name in REQUIRED_FILES if not (src_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{src_dir} is not a CLIP tokenizer directory: missing {', '.join(missing)}")
+    if missing and not (src_dir / "tokenizer.json").is_file():  # transformers 5 saves only tokenizer.json
+        raise FileNotFoundError(
+            f"{src_dir} is not a CLIP tokenizer directory: missing {', '.join(missing)} (and no tokenizer.json)")
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in REQUIRED_FILES + OPTIONAL_FILES:
         if (src_dir / name).is_file() and (src_dir / name).resolve() != (out_dir / name).resolve():

@@ -1,0 +1,84 @@
+"""An attention processor for export that computes self-attention one head at a time.
+
+The default processor exports attention as one batched ``MatMul -> Softmax -> MatMul`` whose
+scores tensor is ``batch x heads x S x S``: at 512x512 (S = 4096) with the CFG batch that is
+1 GiB for each of the scores and the softmax output, and ONNX Runtime on CPU materialises both.
+Unrolled over heads (a static count), each slice needs ``batch x S x S`` and the runtime frees it
+before the next, so peak activation memory drops ~8x for the same arithmetic.
+
+Fused-attention targets (ONNX Runtime CUDA fusions, TensorRT) want the plain pattern instead:
+the exporter uses this processor only for portable/CPU graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class HeadSlicedAttnProcessor:
+    """Same maths as diffusers' scaled-dot-product processor, self-attention split per head."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attention_mask is not None:
+            kv_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        self_attention = encoder_hidden_states is None
+        query = attn.to_q(hidden_states)
+        if self_attention:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        split = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
+        query, key, value = split(query), split(key), split(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self_attention and attn.heads > 1:
+            outs = []
+            for i in range(attn.heads):
+                mask = attention_mask[:, i : i + 1] if attention_mask is not None else None
+                outs.append(F.scaled_dot_product_attention(
+                    query[:, i : i + 1], key[:, i : i + 1], value[:, i : i + 1], attn_mask=mask, scale=attn.scale))
+            hidden_states = torch.cat(outs, dim=1)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if four_d:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def use_head_sliced_attention(module: torch.nn.Module) -> int:
+    """Install :class:`HeadSlicedAttnProcessor` on every diffusers ``Attention`` in ``module``;
+    returns how many were replaced."""
+    from diffusers.models.attention_processor import Attention
+
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.set_processor(HeadSlicedAttnProcessor())
+            n += 1
+    return n
