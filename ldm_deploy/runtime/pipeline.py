@@ -18,6 +18,7 @@ from ..errors import LdmDeployError
 from ..specs import ShapeRanges
 from .components import OnnxComponent
 from .image import to_model_image, to_pil
+from .memory import limit_heap_retention
 from .scheduler import DDIMScheduler
 from .tokenizer import ClipTokenizer
 
@@ -56,18 +57,33 @@ class Pipeline:
         threads: int = 0,
         verify: bool = True,
         components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+        backend: str = "onnxruntime",
+        low_memory: bool = True,
     ) -> "Pipeline":
         """Open an artifact and create one session per component.
 
         ``verify`` checks every file of the loaded components against the manifest's sha256.
-        ``vae_encoder`` is loaded only if the artifact has it (img2img needs it)."""
+        ``vae_encoder`` is loaded only if the artifact has it (img2img needs it).
+        ``backend``: "onnxruntime" (sessions on ``provider``) or "tensorrt" (the engines built into
+        the artifact by ``ldm-build`` for this GPU; ``provider``/``threads`` are ignored).
+        ``low_memory`` (default) returns freed activation memory to the OS promptly: see
+        :mod:`ldm_deploy.runtime.memory` (a process-wide glibc setting)."""
+        if low_memory:
+            limit_heap_retention()
         art = Artifact.open(path)
         wanted = [c for c in components if c in art.components or c != "vae_encoder"]
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
-        loaded = {
-            c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, provider_options, threads) for c in wanted
-        }
+        if backend == "tensorrt":
+            from ..tensorrt.engine import load_components
+
+            loaded = load_components(art, wanted)
+        elif backend == "onnxruntime":
+            loaded = {
+                c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, provider_options, threads) for c in wanted
+            }
+        else:
+            raise LdmDeployError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
         return cls(art, loaded, ClipTokenizer.from_dir(art.path / "tokenizer"))
 
     # --- the call ---------------------------------------------------------------------------
