@@ -1,0 +1,208 @@
+"""Calibration data from real sampling runs: the U-Net inputs of CFG trajectories.
+
+The runtime :class:`~ldm_deploy.runtime.Pipeline` samples calibration prompts with classifier-free
+guidance while a recorder wrapped around its U-Net keeps the inputs (``sample`` [2B, C, h, w],
+``timestep`` [1], ``encoder_hidden_states`` [2B, 77, D]) at selected steps. Only those inputs are
+stored (a few MB at SD1.5 scale), never the activations.
+
+Selection: ``size`` batches stratified over the trajectory: batch ``k`` is taken at step
+``floor((k + 0.5) * steps / size)`` from run ``k mod n_runs``, so every run contributes steps spread
+from the noisiest to the cleanest and consecutive batches come from different prompts. Each run
+contributes at most ``per_run`` batches (default ``ceil(steps / 4)``), which sets the number of
+sampling runs, ``ceil(size / per_run)``; run ``r`` uses prompt ``r mod len(prompts)`` and seed
+``seed + r``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import LdmDeployError
+
+#: Built-in calibration prompts: shapes-domain captions (what the embedded model was trained on)
+#: mixed with general Stable Diffusion prompts (subjects, styles, lighting, compositions).
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a small red circle on a blue background, top left",
+    "a photograph of an astronaut riding a horse",
+    "a large yellow square on a black background, center",
+    "a watercolor painting of a lighthouse on a cliff at sunset",
+    "a small green triangle on a white background, bottom right",
+    "a close-up portrait of an old fisherman, dramatic lighting, 85mm",
+    "a large purple diamond on an orange background, top right",
+    "an isometric illustration of a tiny city with trees and rivers",
+    "a small white circle on a green background, bottom left",
+    "a bowl of ramen on a wooden table, studio photo, high detail",
+    "a large blue triangle on a yellow background, center",
+    "a cyberpunk street at night, neon signs, rain, reflections",
+    "a small black square on a purple background, top left",
+    "a snowy mountain landscape with a frozen lake, morning fog",
+    "a large orange diamond on a blue background, bottom right",
+    "a cute corgi wearing sunglasses on a beach, digital art",
+    "a small yellow triangle on a red background, top right",
+    "an oil painting of a vase of sunflowers in the style of van gogh",
+    "a large red square on a white background, bottom left",
+    "a futuristic spaceship interior, volumetric light, concept art",
+    "a small purple circle on a black background, center",
+    "a medieval castle on a hill under a starry sky",
+    "a large green diamond on a red background, top left",
+    "a minimalist logo of a fox, flat vector, white background",
+    "a small blue square on an orange background, bottom right",
+    "a macro photo of a dew drop on a leaf",
+    "a large white triangle on a purple background, center",
+    "a busy market street in marrakech, vivid colors",
+    "a small orange circle on a green background, top right",
+    "a pencil sketch of a cat sleeping on a windowsill",
+    "a large black diamond on a yellow background, bottom left",
+    "an underwater coral reef with tropical fish, sunbeams",
+)
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded U-Net input batches (CFG: batch 2B = [unconditional, conditional])."""
+
+    batches: list[dict[str, np.ndarray]]
+    timesteps: list[int]
+    step_indices: list[int]
+    prompt_indices: list[int]
+    prompts: list[str]
+    steps: int
+    seed: int
+    guidance_scale: float
+    height: int
+    width: int
+    runs: int = 0
+    meta_extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def meta(self) -> dict[str, Any]:
+        ts = sorted(set(self.timesteps))
+        return {
+            "prompts": self.prompts,
+            "num_prompts": len(self.prompts),
+            "steps": self.steps,
+            "size": len(self.batches),
+            "sampling_runs": self.runs,
+            "seed": self.seed,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "unet_batch": int(self.batches[0]["sample"].shape[0]) if self.batches else 0,
+            "timesteps": ts,
+            "timestep_range": [min(ts), max(ts)] if ts else None,
+            "distinct_steps": len(set(self.step_indices)),
+            **self.meta_extra,
+        }
+
+    def save(self, path: Path | str) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        for i, b in enumerate(self.batches):
+            for k, v in b.items():
+                arrays[f"{i}/{k}"] = v
+        np.savez(path, **arrays, timesteps=np.array(self.timesteps), step_indices=np.array(self.step_indices),
+                 prompt_indices=np.array(self.prompt_indices))
+
+
+def read_prompt_file(path: Path | str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise LdmDeployError(f"calibration prompt file {path} does not exist")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise LdmDeployError(f"calibration prompt file {path} has no prompts")
+    return prompts
+
+
+def selection(size: int, steps: int, per_run: int | None = None) -> tuple[int, list[tuple[int, int]]]:
+    """(number of sampling runs, [(run, step index)] for each kept batch)."""
+    if size < 1:
+        raise LdmDeployError(f"calibration size must be >= 1, got {size}")
+    if steps < 1:
+        raise LdmDeployError(f"calibration steps must be >= 1, got {steps}")
+    per_run = per_run or max(1, math.ceil(steps / 4))
+    per_run = min(per_run, steps)
+    n_runs = math.ceil(size / per_run)
+    picks = [(k % n_runs, int((k + 0.5) * steps / size)) for k in range(size)]
+    return n_runs, picks
+
+
+class _Recorder:
+    """Stands in for the pipeline's U-Net component and records the inputs of chosen steps."""
+
+    device = "cpu"
+
+    def __init__(self, inner: Any, keep_steps: set[int]):
+        self.inner = inner
+        self.spec = inner.spec
+        self.keep_steps = keep_steps
+        self.step = 0
+        self.records: list[tuple[int, dict[str, np.ndarray]]] = []
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        if self.step in self.keep_steps:
+            self.records.append((self.step, {k: np.array(v, dtype=np.float32, copy=True) for k, v in inputs.items()}))
+        self.step += 1
+        return self.inner(**inputs)
+
+
+def collect_calibration(
+    pipe: Any,
+    prompts: Sequence[str] | None = None,
+    size: int = 64,
+    steps: int = 20,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    per_run: int | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> CalibrationSet:
+    """Run ``pipe`` (a runtime ``Pipeline``) on the prompts and keep ``size`` U-Net input batches
+    spread over the trajectories (see the module docstring)."""
+    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
+    if not prompts:
+        raise LdmDeployError("the calibration prompt list is empty")
+    if guidance_scale <= 1.0:
+        raise LdmDeployError("calibration uses classifier-free guidance: guidance_scale must be > 1")
+    n_runs, picks = selection(size, steps, per_run)
+    height = height or pipe.default_size[0]
+    width = width or pipe.default_size[1]
+    by_run: dict[int, list[int]] = {}
+    for k, (r, j) in enumerate(picks):
+        by_run.setdefault(r, []).append(k)
+    batches: list[dict[str, np.ndarray] | None] = [None] * size
+    timesteps = [0] * size
+    prompt_idx = [0] * size
+    original = pipe.components["unet"]
+    try:
+        for r in range(n_runs):
+            ks = by_run.get(r, [])
+            wanted = {picks[k][1]: k for k in ks}
+            rec = _Recorder(original, set(wanted))
+            pipe.components["unet"] = rec
+            pi = r % len(prompts)
+            pipe(prompts[pi], num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                 seed=seed + r, output_type="np")
+            for step, inputs in rec.records:
+                k = wanted[step]
+                batches[k] = inputs
+                timesteps[k] = int(round(float(inputs["timestep"].reshape(-1)[0])))
+                prompt_idx[k] = pi
+            log(f"calibration: run {r + 1}/{n_runs} '{prompts[pi][:48]}' kept steps {sorted(wanted)}")
+    finally:
+        pipe.components["unet"] = original
+    kept = [b for b in batches if b is not None]
+    if len(kept) != size:  # pragma: no cover - would mean the pipeline ran fewer steps than asked
+        raise LdmDeployError(f"calibration recorded {len(kept)} batches, expected {size}")
+    return CalibrationSet(
+        batches=kept, timesteps=timesteps, step_indices=[j for _, j in picks], prompt_indices=prompt_idx,
+        prompts=prompts, steps=steps, seed=seed, guidance_scale=guidance_scale, height=height, width=width,
+        runs=n_runs,
+    )
