@@ -18,8 +18,11 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -55,14 +58,14 @@ def run_torch(model: str, steps: int, size: int, threads: int) -> dict:
         cb_t[0] = now
         return kw
 
-    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         t0 = time.perf_counter()
         cb_t[0] = t0
-        pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, generator=gen,
-             output_type="np", callback_on_step_end=on_step)
+        images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                      latents=torch.from_numpy(initial_latents(size)), output_type="np",
+                      callback_on_step_end=on_step).images
         total = time.perf_counter() - t0
-    return {"load_s": load_s, "total_s": total, "unet_s": unet_times, "step_s": step_times}
+    return {"load_s": load_s, "total_s": total, "unet_s": unet_times, "step_s": step_times}, images
 
 
 def run_runtime(artifact: str, steps: int, size: int, threads: int) -> dict:
@@ -81,20 +84,27 @@ def run_runtime(artifact: str, steps: int, size: int, threads: int) -> dict:
 
     t0 = time.perf_counter()
     last[0] = t0
-    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, seed=0,
-               output_type="np", progress=progress)
+    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+               latents=initial_latents(size), output_type="np", progress=progress)
     total = time.perf_counter() - t0
     weights = sum(
         info["bytes"] for rel, info in pipe.artifact.manifest["files"].items()
         if rel.split("/")[0] in ("text_encoder", "unet", "vae_decoder")
     )
-    return {"load_s": load_s, "total_s": total, "timings": out.timings, "step_s": steps_t, "weight_bytes": weights}
+    return {"load_s": load_s, "total_s": total, "timings": out.timings, "step_s": steps_t,
+            "weight_bytes": weights}, out.images
+
+
+def initial_latents(size: int) -> np.ndarray:
+    """The same starting noise for both variants."""
+    return np.random.default_rng(0).standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
 
 
 def child(args: argparse.Namespace) -> None:
     fn = run_torch if args.variant == "torch" else run_runtime
     src = args.model if args.variant == "torch" else args.artifact
-    result = fn(src, args.steps, args.size, args.threads)
+    result, images = fn(src, args.steps, args.size, args.threads)
+    np.save(args.images, np.asarray(images, dtype=np.float32))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result))
 
@@ -113,15 +123,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/runtime_sd15_cpu"))
     p.add_argument("--variant", choices=("torch", "runtime"), help=argparse.SUPPRESS)
+    p.add_argument("--images", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         return child(args)
 
     results = {}
+    tmp = tempfile.mkdtemp()
     for variant in ("torch", "runtime"):
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model, "--artifact", args.artifact,
-               "--steps", str(args.steps), "--size", str(args.size), "--threads", str(args.threads)]
+               "--steps", str(args.steps), "--size", str(args.size), "--threads", str(args.threads),
+               "--images", os.path.join(tmp, f"{variant}.npy")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -129,9 +142,13 @@ def main() -> None:
         results[variant] = json.loads(line[0][7:])
 
     t, r = results["torch"], results["runtime"]
+    a, b = (np.load(os.path.join(tmp, f"{v}.npy")).astype(np.float64) for v in ("torch", "runtime"))
+    mse = float(np.mean((a - b) ** 2))
+    image_psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
     # step time: median over steps of the wall time between step callbacks (U-Net + guidance + scheduler)
-    torch_step = median(t["step_s"])
-    rt_step = median(r["step_s"])
+    # the first step interval also holds text encoding: use the later ones when there are any
+    torch_step = median(t["step_s"][1:] or t["step_s"])
+    rt_step = median(r["step_s"][1:] or r["step_s"])
     rt_unet = r["timings"]["unet"] / r["timings"]["steps"]
     rt_other = r["timings"]["scheduler_and_guidance"] / r["timings"]["steps"]
     summary = {
@@ -145,6 +162,7 @@ def main() -> None:
                     "outside_unet_share": rt_other / (rt_unet + rt_other), "peak_rss_gb": r["peak_rss_bytes"] / 2**30,
                     "weight_gb": r["weight_bytes"] / 2**30, "rss_over_weights": r["peak_rss_bytes"] / r["weight_bytes"],
                     "load_s": r["load_s"], "total_s": r["total_s"], "timings": r["timings"]},
+        "image_psnr_db": image_psnr,
         "raw": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +182,8 @@ def main() -> None:
         f"({rt['outside_unet_share'] * 100:.3f}%) | {rt['peak_rss_gb']:.2f} | {r['load_s']:.1f} |",
         "",
         f"Runtime peak RSS / weight bytes of the loaded graphs ({rt['weight_gb']:.2f} GiB): {rt['rss_over_weights']:.2f}x.",
+        f"End-to-end parity (same initial latents, {args.steps} DDIM steps, guidance 7.5): PSNR of the runtime's "
+        f"image vs diffusers' = {image_psnr:.1f} dB.",
     ]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

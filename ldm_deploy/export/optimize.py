@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnxruntime as ort
@@ -36,7 +37,14 @@ def optimize_cuda(src: Path, dst: Path, component: str, external_data: bool, fp1
 
     model_type = _ORT_MODEL_TYPES[component]
     options = FusionOptions(model_type)
-    m = optimize_model(str(src), model_type=model_type, opt_level=0, optimization_options=options, use_gpu=True)
+    try:
+        m = optimize_model(str(src), model_type=model_type, opt_level=0, optimization_options=options, use_gpu=True)
+    except TypeError as e:
+        # onnxruntime's U-Net attention fusion fails to read the head count from some exported
+        # graphs; the other fusions (NHWC conv, GroupNorm, BiasSplitGelu, ...) still apply.
+        warnings.warn(f"{component}: attention fusion skipped ({e})", stacklevel=2)
+        options.enable_attention = False
+        m = optimize_model(str(src), model_type=model_type, opt_level=0, optimization_options=options, use_gpu=True)
     if fp16:
         m.convert_float_to_float16(keep_io_types=True)
     m.save_model_to_file(str(dst), use_external_data_format=external_data)
@@ -46,8 +54,13 @@ def optimize_cuda(src: Path, dst: Path, component: str, external_data: bool, fp1
 def optimize(src: Path, dst: Path, component: str, target: str, fp16: bool = False) -> Path:
     """Optimise ``src`` for ``target`` into ``dst`` (a different path in the same folder)."""
     external = (src.parent / (src.name + ".data")).exists()
-    if target == "cuda":
-        out = optimize_cuda(src, dst, component, external, fp16)
-    else:
-        out = optimize_portable(src, dst, external)
-    return out
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if target == "cuda":
+            return optimize_cuda(src, dst, component, external, fp16)
+        return optimize_portable(src, dst, external)
+    except Exception as e:  # the optimisers raise many kinds of errors on graphs they do not expect
+        from ..errors import LdmDeployError
+
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LdmDeployError(f"--optimize {target} failed on {component}: {type(e).__name__}: {first}") from None

@@ -78,8 +78,17 @@ class LoadedModel:
         )
 
     def save_pretrained(self, path: Path | str) -> None:
-        """Write a diffusers pipeline directory (safetensors) that ``from_pretrained`` loads."""
+        """Write a diffusers pipeline directory (safetensors) that ``from_pretrained`` loads.
+
+        ``vocab.json``/``merges.txt`` are written beside ``tokenizer.json`` so that tools on older
+        transformers releases (slow ``CLIPTokenizer``) load it too."""
+        import shutil
+
         self.diffusers_pipeline().save_pretrained(str(path), safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            src, dst = self.tokenizer_dir / name, Path(path) / "tokenizer" / name
+            if src.is_file() and not dst.exists():
+                shutil.copyfile(src, dst)
 
 
 def model_dims(unet_config: Any, vae_config: Any, text_config: Any) -> ModelDims:
