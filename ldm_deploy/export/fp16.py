@@ -27,7 +27,15 @@ def convert_to_fp16(src: Path, dst: Path, keep_io_types: bool = True, op_block_l
     from onnxruntime.transformers import float16
 
     size = sum(p.stat().st_size for p in src.parent.iterdir() if p.name.startswith(src.name))
-    model = onnx.load(str(src), load_external_data=True)
+    if size > _SHAPE_INFER_LIMIT:
+        # The converter needs every value's type to put casts around blocked ops; in-memory shape
+        # inference stops at 2 GB, the path-based one does not.
+        inferred = src.parent / (src.stem + "-inferred.onnx")
+        onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=True)
+        inferred.unlink()
+    else:
+        model = onnx.load(str(src), load_external_data=True)
     _drop_initializer_identities(model.graph)
     model = float16.convert_float_to_float16(
         model,
