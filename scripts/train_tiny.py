@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -258,6 +257,41 @@ def decoder_only(args, src: Path, out: Path, log_md: Path | None) -> int:
     return 0
 
 
+def continue_unet(args, src: Path, out: Path, log_md: Path | None) -> int:
+    """Third training command: more U-Net + text-encoder steps on an already trained pipeline
+    (the VAE and its scaling factor stay as they are), with a fresh warm-up + cosine schedule."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed + 3)
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    t_start = time.time()
+    args.deadline = t_start + 60 * args.max_minutes if args.max_minutes else 0.0
+    pipe = StableDiffusionPipeline.from_pretrained(str(src), torch_dtype=torch.float32)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    vae.eval().requires_grad_(False)
+    images, captions, _ = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
+                                              size=MODEL_CONFIG["image_size"])
+    lat_mean, lat_std = encode_all(vae, images)
+    scaling = float(vae.config.scaling_factor)
+    log(f"[continue] {src}: {args.unet_steps} more U-Net steps at lr {args.lr}")
+    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen)
+    save_pipeline(out, vae, den["ema_te"], tokenizer, den["ema_unet"])
+    total = time.time() - t_start
+    text = (
+        "\n## Continued U-Net training (third command)\n\n"
+        f"Command: `python scripts/train_tiny.py {' '.join(sys.argv[1:])}`\n\n"
+        "| steps | batch | wall time | final losses (mean of last steps) |\n|---|---|---|---|\n"
+        f"| {den['steps_done']} (of {args.unet_steps}) | {args.batch} | {den['seconds']:.0f} s (command total "
+        f"{total:.0f} s) | eps MSE {den['mse']:.4f}, min-SNR loss {den['loss_minsnr']:.4f} |\n"
+    )
+    print(text, flush=True)
+    if log_md is not None and log_md.exists():
+        log_md.write_text(log_md.read_text() + text)
+    log(f"[save] {out}  {dir_size(out) / 1e6:.2f} MB")
+    return 0
+
+
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 256):
     vae.eval()
@@ -418,6 +452,9 @@ def main(argv=None) -> int:
                     help="instead of training from scratch, fine-tune the VAE decoder of the pipeline in DIR "
                          "(encoder, U-Net, text encoder unchanged) and save to --out")
     ap.add_argument("--decoder-steps", type=int, default=1500)
+    ap.add_argument("--continue-unet", type=Path, default=None, metavar="DIR",
+                    help="train the U-Net + text encoder of the pipeline in DIR for --unet-steps more steps "
+                         "(VAE unchanged) and save to --out")
     ap.add_argument("--decoder-lr", type=float, default=5e-4)
     args = ap.parse_args(argv)
     if args.decoder_only is not None:
@@ -425,6 +462,11 @@ def main(argv=None) -> int:
             args.n_train, args.decoder_steps, args.log_every = min(args.n_train, 512), min(args.decoder_steps, 20), 10
         return decoder_only(args, args.decoder_only, args.out or args.decoder_only,
                             args.log_md or (None if args.quick else DEFAULT_LOG))
+    if args.continue_unet is not None:
+        if args.quick:
+            args.n_train, args.unet_steps, args.log_every = min(args.n_train, 512), min(args.unet_steps, 20), 10
+        return continue_unet(args, args.continue_unet, args.out or args.continue_unet,
+                             args.log_md or (None if args.quick else DEFAULT_LOG))
     if args.quick:
         args.n_train = min(args.n_train, 512)
         args.vae_steps = min(args.vae_steps, 30)

@@ -260,8 +260,7 @@ def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: n
     how = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
     if precision == "fp16" and provider == "cpu":
         how += " (fp16 graph; ops without fp16 CPU kernels run in fp32 behind inserted casts)"
-    feeds = {k: v for k, v in inputs.items()}
-    result = validate(name, lambda x: session.run(None, x)[0], reference, feeds, precision, how)
+    result = validate(name, lambda x, s=session: s.run(None, x)[0], reference, inputs, precision, how)
     del session
     release_memory()
     return result

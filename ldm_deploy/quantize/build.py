@@ -21,7 +21,7 @@ import numpy as np
 from ..artifact import MANIFEST, Artifact, ArtifactWriter, peak_rss_bytes, write_json
 from ..errors import LdmDeployError
 from ..specs import COMPONENTS
-from .calibration import CalibrationSet, collect_calibration
+from .calibration import collect_calibration
 from .ranges import calibration_targets, collect_ranges, load_structure
 from .recipes import (
     Recipe,
