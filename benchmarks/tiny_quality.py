@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--model", default="tiny", help="the trained model to score (name or pipeline directory)")
     p.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/tiny_quality"))
     args = p.parse_args()
 
@@ -72,15 +73,15 @@ def main() -> None:
     rows: dict[str, dict] = {}
     images: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in ("tiny", "tiny-random"):
+        for label, model in (("tiny", args.model), ("tiny-random", "tiny-random")):
             t0 = time.perf_counter()
-            images[f"{model} torch"] = torch_images(model, prompts, latents, args.steps, args.guidance)
-            rows[f"{model} torch"] = {"seconds": time.perf_counter() - t0}
-            art = Path(tmp) / model
+            images[f"{label} torch"] = torch_images(model, prompts, latents, args.steps, args.guidance)
+            rows[f"{label} torch"] = {"seconds": time.perf_counter() - t0}
+            art = Path(tmp) / label
             export_model(model, art, ExportOptions(), log=lambda s: None)
             t0 = time.perf_counter()
-            images[f"{model} onnx"] = runtime_images(art, prompts, latents, args.steps, args.guidance)
-            rows[f"{model} onnx"] = {"seconds": time.perf_counter() - t0}
+            images[f"{label} onnx"] = runtime_images(art, prompts, latents, args.steps, args.guidance)
+            rows[f"{label} onnx"] = {"seconds": time.perf_counter() - t0}
     for name, imgs in images.items():
         ref = images[name.split()[0] + " torch"] if name.endswith("onnx") else None
         r = evaluate(imgs, attrs, reference_images=ref)

@@ -31,6 +31,16 @@ def tiny_random_fp32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_random_trt(tmp_path_factory) -> Path:
+    """fp32 export for TensorRT: plain attention, portable clean-up, no ORT-only operators."""
+    from ldm_deploy.export.exporter import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-random-trt"
+    export_model("tiny-random", out, ExportOptions(optimize="tensorrt"), log=lambda s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_random_fp16(tmp_path_factory) -> Path:
     from ldm_deploy.export.exporter import ExportOptions, export_model
 

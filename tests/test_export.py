@@ -92,6 +92,30 @@ def test_fp16_graph_has_fp16_weights_fp32_io_and_parity(tiny_random_fp16, tiny_r
         assert stats["max_rel"] > 1e-6, "fp16 graph should not be bit-identical to fp32"
 
 
+def test_attention_modes_cpu_fused_and_tensorrt_plain(tiny_random_fp32, tiny_random_trt, tiny_random_fp16):
+    """fp32 CPU exports fuse attention into ORT's MultiHeadAttention (and ldm-build refuses them in
+    one clear line); the TensorRT export and fp16 graphs keep standard ONNX attention."""
+    from ldm_deploy.errors import LdmDeployError
+    from ldm_deploy.export.exporter import resolve_attention
+    from ldm_deploy.tensorrt.ops import check_graph
+
+    def ops(art):
+        return {(n.domain, n.op_type) for n in onnx.load(str(art / "unet" / "model.onnx")).graph.node}
+
+    assert ("com.microsoft", "MultiHeadAttention") in ops(tiny_random_fp32)
+    assert ("", "Softmax") not in ops(tiny_random_fp32)
+    for art in (tiny_random_trt, tiny_random_fp16):
+        assert ("", "Softmax") in ops(art) and not any(d for d, _ in ops(art))
+    assert Artifact.open(tiny_random_fp32).manifest["attention"] == "mha"
+    with pytest.raises(LdmDeployError, match="--optimize tensorrt"):
+        check_graph(tiny_random_fp32 / "unet" / "model.onnx", "unet")
+    assert resolve_attention("auto", native=False, fp16=False, optimize="tensorrt") == "full"
+    assert resolve_attention("auto", native=True, fp16=True, optimize=None) == "full"
+    assert resolve_attention("auto", native=False, fp16=True, optimize=None) == "sliced"
+    with pytest.raises(LdmDeployError, match="unknown attention"):
+        resolve_attention("flash", native=False, fp16=False, optimize=None)
+
+
 def test_validation_fails_on_a_wrong_graph():
     """The parity check must reject an output that is off by more than the tolerance."""
     rng = np.random.default_rng(0)

@@ -41,9 +41,9 @@ def cpu_int8(tiny_random_fp32, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trt_int8(tiny_random_fp32, tmp_path_factory):
+def trt_int8(tiny_random_trt, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "trt-int8"
-    quantize_artifact(tiny_random_fp32, out, target="tensorrt", method="percentile", **FAST)
+    quantize_artifact(tiny_random_trt, out, target="tensorrt", method="percentile", **FAST)
     return out
 
 
@@ -235,6 +235,7 @@ def test_bad_inputs(tiny_random_fp32, tmp_path, capsys):
     assert "no prompts" in _fail(capsys, src, "-o", str(out), "--calib-prompts", str(empty))
     assert "unknown component" in _fail(capsys, src, "-o", str(out), "--components", "unet,refiner")
     assert "matches no node" in _fail(capsys, src, "-o", str(out), "--exclude", "*/no_such_block/*")
+    assert "--optimize tensorrt" in _fail(capsys, src, "-o", str(out), "--target", "tensorrt")  # ORT-only MHA ops
     assert "matches no node" in _fail(capsys, src, "-o", str(out), "--exclude", "re:^/unet/nothing\\d+$")
     with pytest.raises(Exception, match="empty"):
         quantize_artifact(tiny_random_fp32, out, prompts=[], **FAST)

@@ -252,7 +252,7 @@ def test_unsupported_ops_finds_foreign_and_nested_ops(tmp_path):
     assert unsupported_ops(path) == ["Unique", "com.microsoft::BiasGelu"]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_random_fp32", "tiny_random_fp16"])
+@pytest.mark.parametrize("fixture", ["tiny_random_trt", "tiny_random_fp16"])
 def test_exported_graphs_use_only_ops_tensorrt_parses(fixture, request):
     from ldm_deploy.tensorrt.ops import opset_problem
 

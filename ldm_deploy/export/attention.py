@@ -1,4 +1,7 @@
-"""An attention processor for export that computes self-attention one head at a time.
+"""Attention processors for export: per-head self-attention, or ONNX Runtime's fused
+``com.microsoft::MultiHeadAttention``.
+
+**sliced** (:class:`HeadSlicedAttnProcessor`) computes self-attention one head at a time.
 
 The default processor exports attention as one batched ``MatMul -> Softmax -> MatMul`` whose
 scores tensor is ``batch x heads x S x S``: at 512x512 (S = 4096) with the CFG batch that is
@@ -6,8 +9,12 @@ scores tensor is ``batch x heads x S x S``: at 512x512 (S = 4096) with the CFG b
 Unrolled over heads (a static count), each slice needs ``batch x S x S`` and the runtime frees it
 before the next, so peak activation memory drops ~8x for the same arithmetic.
 
-Fused-attention targets (ONNX Runtime CUDA fusions, TensorRT) want the plain pattern instead:
-the exporter uses this processor only for portable/CPU graphs.
+**mha** (:class:`FusedMHAAttnProcessor`) exports each attention as one ONNX Runtime contrib
+``MultiHeadAttention`` node on the projected ``[batch, seq, heads*head_dim]`` Q/K/V. ORT's CPU kernel
+tiles the softmax (flash-style), so the ``S x S`` scores never exist in full: faster and leaner
+than either pattern on CPU. It is an ONNX Runtime operator: TensorRT's parser does not know it.
+
+Fused-attention targets (ONNX Runtime CUDA fusions, TensorRT) want the plain pattern instead.
 """
 
 from __future__ import annotations
@@ -71,14 +78,71 @@ class HeadSlicedAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def use_head_sliced_attention(module: torch.nn.Module) -> int:
-    """Install :class:`HeadSlicedAttnProcessor` on every diffusers ``Attention`` in ``module``;
-    returns how many were replaced."""
+class _OrtMultiHeadAttention(torch.autograd.Function):
+    """Scaled-dot-product attention on ``[B, S, H*d]`` tensors; exported as one
+    ``com.microsoft::MultiHeadAttention`` node by the TorchScript exporter."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, heads: int, scale: float):  # type: ignore[no-untyped-def, override]
+        b, d = query.shape[0], query.shape[-1]
+        split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scale)
+        return out.transpose(1, 2).reshape(b, -1, d)
+
+    @staticmethod
+    def symbolic(g, query, key, value, heads: int, scale: float):  # type: ignore[no-untyped-def]
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads, scale_f=scale)
+        out.setType(query.type())
+        return out
+
+
+class FusedMHAAttnProcessor:
+    """Diffusers attention with the core as ORT's fused ``MultiHeadAttention`` (no mask, no
+    per-head q/k norms: those fall back to :class:`HeadSlicedAttnProcessor`)."""
+
+    def __init__(self) -> None:
+        self._fallback = HeadSlicedAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if attention_mask is not None or attn.norm_q is not None or attn.norm_k is not None:
+            return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        hidden_states = _OrtMultiHeadAttention.apply(query, key, value, int(attn.heads), float(attn.scale))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if four_d:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+PROCESSORS = {"sliced": HeadSlicedAttnProcessor, "mha": FusedMHAAttnProcessor}
+
+
+def set_export_attention(module: torch.nn.Module, kind: str) -> int:
+    """Install the ``kind`` (``sliced`` or ``mha``) processor on every diffusers ``Attention`` in
+    ``module``; returns how many were replaced."""
     from diffusers.models.attention_processor import Attention
 
     n = 0
     for m in module.modules():
         if isinstance(m, Attention):
-            m.set_processor(HeadSlicedAttnProcessor())
+            m.set_processor(PROCESSORS[kind]())
             n += 1
     return n
+

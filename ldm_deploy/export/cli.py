@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, help="largest image side supported (default: twice the export size)")
     p.add_argument("--optimize", nargs="?", const="cpu", choices=("cpu", "cuda", "tensorrt"),
                    help="graph optimisation for a target: cpu/tensorrt = portable clean-up, cuda = ORT fusions")
-    p.add_argument("--attention", choices=("auto", "sliced", "full"), default="auto",
-                   help="U-Net self-attention graph: sliced per head (low memory on CPU) or full (the pattern "
-                   "GPU fusions match); auto = full for --optimize cuda/tensorrt or native fp16, else sliced")
+    p.add_argument("--attention", choices=("auto", "mha", "sliced", "full"), default="auto",
+                   help="U-Net attention graph: mha (ONNX Runtime's fused MultiHeadAttention: fastest on CPU, "
+                   "not for TensorRT), sliced (self-attention per head, low memory), or full (the pattern GPU "
+                   "fusions and TensorRT match); auto = full for --optimize cuda/tensorrt or native fp16, "
+                   "sliced for fp16 on CPU, else mha")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="torch.onnx exporter: torchscript (tracing, fast) or dynamo (torch.export)")
     p.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated subset to export")

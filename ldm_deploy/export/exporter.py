@@ -38,7 +38,7 @@ class ExportOptions:
     components: tuple[str, ...] = COMPONENTS
     native_fp16: bool | None = None  # None: use a fp16 torch model when CUDA is available
     exporter: str = "torchscript"  # or "dynamo"
-    attention: str = "auto"  # "sliced" (per-head self-attention, lean on CPU), "full", or "auto"
+    attention: str = "auto"  # "mha" (ORT fused), "sliced" (per-head self-attention), "full", or "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +77,18 @@ def _quiet_exporter_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def resolve_attention(attention: str, native: bool, fp16: bool, optimize: str | None) -> str:
+    """``auto``: the plain pattern for GPU/TensorRT targets (their fusions match it), ORT's fused
+    ``MultiHeadAttention`` for fp32 CPU graphs, per-head slices for fp16 graphs converted on CPU."""
+    if attention not in ("auto", "mha", "sliced", "full"):
+        raise LdmDeployError(f"unknown attention mode {attention!r} (choose auto, mha, sliced or full)")
+    if attention != "auto":
+        return attention
+    if native or optimize in ("cuda", "tensorrt"):
+        return "full"
+    return "sliced" if fp16 else "mha"
+
+
 def export_model(
     model_name: str,
     out: Path,
@@ -91,7 +103,7 @@ def export_model(
     import torch
 
     from ..models import load_model
-    from .attention import use_head_sliced_attention
+    from .attention import set_export_attention
     from .fp16 import convert_to_fp16
     from .onnx_export import export_component, trace_sizes
     from .optimize import optimize
@@ -114,11 +126,9 @@ def export_model(
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
         ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
         specs = component_specs(dims)
-        attention = opts.attention
-        if attention == "auto":  # fused-attention targets want the plain pattern
-            attention = "full" if native or opts.optimize in ("cuda", "tensorrt") else "sliced"
-        if attention == "sliced":
-            use_head_sliced_attention(model.unet)
+        attention = resolve_attention(opts.attention, native, opts.fp16, opts.optimize)
+        if attention in ("sliced", "mha"):
+            set_export_attention(model.unet, attention)
         precision = "fp16" if opts.fp16 else "fp32"
         io_dtype = "float16" if opts.fp16 and not opts.keep_io_types else "float32"
         scratch = writer.path / ".scratch"

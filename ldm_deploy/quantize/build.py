@@ -208,6 +208,13 @@ def quantize_artifact(
     # exclusions resolved up front: a user pattern that matches nothing fails before calibration
     patterns = exclusion_patterns([], default_exclusions, quantize_cross_kv)
     structures = {c: load_structure(art.model_file(c)) for c in comps}
+    if target == "tensorrt":
+        for c, model in structures.items():
+            foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+            if foreign:
+                raise LdmDeployError(
+                    f"{c} uses ONNX Runtime-only operators ({', '.join(foreign)}); for the tensorrt target quantize "
+                    "an artifact exported with --optimize tensorrt (or --attention full)")
     node_names = {c: [n.name for n in s.graph.node] for c, s in structures.items()}
     all_names = [n for c in comps for n in node_names[c]]
     match_nodes(all_names, list(exclude), strict=True)

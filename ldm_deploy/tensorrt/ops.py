@@ -104,5 +104,5 @@ def check_graph(onnx_path: Path | str, component: str = "") -> None:
         t = op_table()
         raise LdmDeployError(
             f"{component or onnx_path} uses operators TensorRT's ONNX parser does not support "
-            f"(TensorRT {t['tensorrt_version']} list): {', '.join(bad)}; re-export without --optimize cuda"
+            f"(TensorRT {t['tensorrt_version']} list): {', '.join(bad)}; re-export with --optimize tensorrt (plain attention, no ONNX Runtime fusions)"
         )
