@@ -16,7 +16,7 @@ exclude patterns: a glob on node names ('*/up_blocks.3/*'), 're:<regex>', or a p
 
 examples:
   ldm-quantize tiny-onnx/ -o tiny-int8/
-  ldm-quantize sd15-onnx/ -o sd15-int8-trt/ --target tensorrt --method percentile --calib-size 64
+  ldm-quantize sd15-onnx-trt/ -o sd15-int8-trt/ --target tensorrt --method percentile --calib-size 64  # from ldm-export --optimize tensorrt
   ldm-quantize sd15-onnx/ -o sd15-int8/ --calib-prompts prompts.txt --exclude '*/mid_block/*' --sensitivity
 """
 
