@@ -1,0 +1,41 @@
+"""``--keep`` patterns: which U-Net modules stay intact."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from ..errors import LdmDeployError
+
+
+def matcher(pattern: str) -> Callable[[str], bool]:
+    """``re:<regex>`` (searched), a glob with ``* ? [ ]``, or a module name (that module and
+    everything under it)."""
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as e:
+            raise LdmDeployError(f"bad --keep regex {pattern!r}: {e}") from None
+        return lambda name: rx.search(name) is not None
+    if any(c in pattern for c in "*?["):
+        return lambda name: fnmatch.fnmatchcase(name, pattern)
+    return lambda name: name == pattern or name.startswith(pattern + ".")
+
+
+def match_keep(module_names: Iterable[str], patterns: Sequence[str]) -> dict[str, str]:
+    """Map every kept module name (matches and their submodules) to the pattern that kept it.
+
+    A pattern that matches no module is an error."""
+    names = [n for n in module_names if n]
+    kept: dict[str, str] = {}
+    for p in patterns:
+        hits = [n for n in names if matcher(p)(n)]
+        if not hits:
+            raise LdmDeployError(f"--keep pattern {p!r} matches no module of the U-Net "
+                                 "(module names look like 'mid_block', 'down_blocks.1.attentions.0')")
+        for h in hits:
+            for n in names:
+                if n == h or n.startswith(h + "."):
+                    kept.setdefault(n, p)
+    return kept
