@@ -90,6 +90,23 @@ def test_streaming_ranges_equal_brute_force(calib, tiny_random_fp32):
         np.testing.assert_allclose(streamed[t], brute[t], rtol=1e-6, atol=1e-7, err_msg=t)
 
 
+def test_ranges_of_a_model_with_external_data(calib, tiny_random_fp32, tmp_path):
+    """SD-scale U-Nets keep their weights in external data: the augmented copies must still find
+    them (ONNX Runtime refuses data paths that resolve outside the model's directory)."""
+    model = tiny_random_fp32 / "unet" / "model.onnx"
+    ext = tmp_path / "art" / "unet" / "model.onnx"
+    ext.parent.mkdir(parents=True)
+    onnx.save_model(onnx.load(str(model)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    targets = calibration_targets(load_structure(ext))[:50]
+    batches = calib.batches[:2]
+    assert collect_ranges(ext, batches, targets, "minmax").minmax() == \
+        collect_ranges(model, batches, targets, "minmax").minmax()
+    assert sorted(p.name for p in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["unet"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ldm-quant-")]
+
+
 def test_chunked_ranges_equal_unchunked(calib, tiny_random_fp32):
     model = tiny_random_fp32 / "unet" / "model.onnx"
     targets = calibration_targets(load_structure(model))[:120]

@@ -20,13 +20,14 @@ reducing them (24 GB for a single SD1.5 U-Net sample). Here memory is bounded in
 in the same way): the tests check that all paths agree.
 
 The source model is never written to: augmented copies go to a temporary directory, next to
-symlinks to the source's external-data files.
+hard links to the source's external-data files.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,16 +130,26 @@ def plan_chunks(names: Sequence[str], sizes: dict[str, int], budget: int | None)
 
 
 class _Workspace:
-    """A temporary directory holding augmented copies of a model, with symlinks to its external
-    data files so that relative ``location`` entries still resolve."""
+    """A temporary directory holding augmented copies of a model next to *hard links* of its
+    external-data files, so that relative ``location`` entries still resolve. (ONNX Runtime
+    refuses external data that resolves outside the model's directory, which rules out
+    symlinks.) The directory is made beside the source artifact so the links stay on one file
+    system; where linking fails the files are copied."""
 
     def __init__(self, model_path: Path | str):
         self.src = Path(model_path).absolute()
-        self.tmp = tempfile.TemporaryDirectory(prefix="ldm-quant-")
+        parent = self.src.parent.parent.parent  # <parent>/<artifact>/<component>/model.onnx
+        try:
+            self.tmp = tempfile.TemporaryDirectory(prefix=".ldm-quant-", dir=parent)
+        except OSError:  # read-only location: the system temp dir (data files then get copied)
+            self.tmp = tempfile.TemporaryDirectory(prefix="ldm-quant-")
         self.dir = Path(self.tmp.name)
         for p in self.src.parent.iterdir():
             if p.is_file() and p != self.src and not p.name.endswith(".onnx"):
-                os.symlink(p, self.dir / p.name)
+                try:
+                    os.link(p, self.dir / p.name)
+                except OSError:
+                    shutil.copyfile(p, self.dir / p.name)
 
     def save(self, model: onnx.ModelProto, name: str) -> Path:
         path = self.dir / name
