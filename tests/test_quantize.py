@@ -15,6 +15,7 @@ from ldm_deploy.artifact import Artifact
 from ldm_deploy.quantize.build import quantize_artifact
 from ldm_deploy.quantize.calibration import collect_calibration, selection
 from ldm_deploy.quantize.cli import main as quantize_main
+from ldm_deploy.quantize.recipes import quantize_onnx, recipe
 from ldm_deploy.quantize.ranges import (
     brute_force_minmax,
     calibration_targets,
@@ -98,10 +99,12 @@ def test_ranges_of_a_model_with_external_data(calib, tiny_random_fp32, tmp_path)
     ext.parent.mkdir(parents=True)
     onnx.save_model(onnx.load(str(model)), str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=0)
-    targets = calibration_targets(load_structure(ext))[:50]
+    targets = calibration_targets(load_structure(ext))
     batches = calib.batches[:2]
-    assert collect_ranges(ext, batches, targets, "minmax").minmax() == \
-        collect_ranges(model, batches, targets, "minmax").minmax()
+    ranges = collect_ranges(ext, batches, targets, "minmax").minmax()
+    assert ranges == collect_ranges(model, batches, targets, "minmax").minmax()
+    summary = quantize_onnx(ext, tmp_path / "q.onnx", ranges, recipe("cpu"))  # shape inference on it too
+    assert summary["quantize_linear"] > 0
     assert sorted(p.name for p in ext.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["unet"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ldm-quant-")]

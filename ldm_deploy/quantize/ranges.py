@@ -129,7 +129,7 @@ def plan_chunks(names: Sequence[str], sizes: dict[str, int], budget: int | None)
     return chunks
 
 
-class _Workspace:
+class Workspace:
     """A temporary directory holding augmented copies of a model next to *hard links* of its
     external-data files, so that relative ``location`` entries still resolve. (ONNX Runtime
     refuses external data that resolves outside the model's directory, which rules out
@@ -374,7 +374,7 @@ def collect_ranges(
     names = list(targets) if targets is not None else calibration_targets(structure)
     stats = {n: TensorStats() for n in names}
     coll = RangeCollection(stats, method, bins)
-    ws = _Workspace(model_path)
+    ws = Workspace(model_path)
     try:
         if strategy in ("auto", "reduce"):
             path = ws.save(augment_with_reductions(structure, names), "reduce.onnx")
@@ -433,7 +433,7 @@ def brute_force_minmax(model_path: Path | str, batches: Iterable[dict[str, np.nd
                        targets: Sequence[str]) -> dict[str, tuple[float, float]]:
     """Reference: every tensor of every batch kept, then reduced (what quantize_static does)."""
     structure = load_structure(model_path)
-    ws = _Workspace(model_path)
+    ws = Workspace(model_path)
     try:
         sess = _session(ws.save(augment_with_outputs(structure, targets), "all.onnx"))
         kept = [sess.run(list(targets), _feeds(sess, b)) for b in batches]

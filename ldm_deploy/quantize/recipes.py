@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -164,20 +163,11 @@ def _qtype(name: str):  # type: ignore[no-untyped-def]
 
 
 def _shape_inferred(model_path: Path) -> onnx.ModelProto:
-    """Load ``model_path`` with shape inference done in a temporary directory (ORT's helper writes
-    its intermediate file next to the source, which must stay untouched)."""
-    import os
-
+    """Load ``model_path`` with shape inference run on the graph before its external data is read
+    (the graph alone stays far below protobuf's 2 GB limit; the source is never written to)."""
     src = Path(model_path).absolute()
-    with tempfile.TemporaryDirectory(prefix="ldm-quant-si-") as d:
-        for p in src.parent.iterdir():
-            if p.is_file() and p != src and not p.name.endswith(".onnx"):
-                os.symlink(p, Path(d) / p.name)
-        link = Path(d) / "model.onnx"
-        os.symlink(src, link)
-        inferred = Path(d) / "inferred.onnx"
-        onnx.shape_inference.infer_shapes_path(str(link), str(inferred))
-        model = onnx.load(str(inferred))  # loads external data through the symlinks
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    onnx.load_external_data_for_model(model, str(src.parent))
     return model
 
 
