@@ -15,10 +15,12 @@ Stages:
      SD1.5's DDIM config, 10% caption dropout (empty prompt) for classifier-free
      guidance, min-SNR loss weighting, EMA of the weights (the EMA weights are saved).
 
-Runs on CPU with 2 threads; the default step counts take about 45 minutes on a
-2-core machine. ``--quick`` runs a few dozen steps for smoke testing.
+Runs on CPU with 1 thread (on a shared 2-core machine one thread per job was several times
+faster than two); the default step counts took 45 minutes there, plus about 10 for the
+decoder fine-tune (second command). ``--quick`` runs a few dozen steps for smoke testing.
 
     python scripts/train_tiny.py                 # full run -> ldm_deploy/assets/tiny
+    python scripts/train_tiny.py --decoder-only ldm_deploy/assets/tiny --n-train 8000 --decoder-steps 1500
     python scripts/train_tiny.py --quick         # smoke test -> /tmp/tiny_quick
 """
 
@@ -64,10 +66,12 @@ MODEL_CONFIG = dict(
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[32, 64, 64, 64],
+        # narrow at full resolution (16 channels at 64x64): 4x cheaper per step than 32 there,
+        # so many more steps fit in the time budget; flat-colour shapes need little width.
+        block_out_channels=[16, 32, 64, 64],
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=16,
         sample_size=64,
     ),
     unet=dict(
@@ -127,8 +131,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def foreground_masks(images: np.ndarray, attrs) -> np.ndarray:
+    """``[N, H, W]`` float masks of the pixels that differ from each image's background colour."""
+    bg = np.array([shapes.COLORS[a.background] for a in attrs], dtype=np.int16)
+    return (np.abs(images.astype(np.int16) - bg[:, None, None, :]).max(-1) > 8).astype(np.float32)
+
+
 def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_weight: float,
-              gen: torch.Generator, log_every: int) -> dict:
+              gen: torch.Generator, log_every: int, masks: np.ndarray | None = None, fg_weight: float = 0.0,
+              deadline: float = 0.0) -> dict:
+    """L1 + MSE reconstruction (pixels of the shape weighted ``1 + fg_weight``: the shape covers a
+    few % of the image, and an unweighted loss is met by drawing the background first) + KL."""
     vae.train()
     # Start with a small posterior std (logvar bias -6): with the default logvar ~0 the
     # sampled latents are drowned in unit noise and reconstruction learns very slowly.
@@ -139,7 +152,12 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_wei
     n = len(images)
     t0 = time.time()
     hist = []
+    done = steps
     for step in range(steps):
+        if deadline and time.time() > deadline:
+            log(f"[vae] time budget reached: stopping after {step} of {steps} steps")
+            done = step
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1))
         idx = torch.randint(0, n, (batch,), generator=gen).numpy()
@@ -147,10 +165,15 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_wei
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
+        err = rec - x
+        l1 = err.abs().mean()
+        mse = err.pow(2).mean()
         kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
-        loss = l1 + mse + kl_weight * kl
+        if masks is not None and fg_weight > 0:
+            w = 1.0 + fg_weight * torch.from_numpy(masks[idx])[:, None]
+            loss = ((err.abs() + err.pow(2)) * w).mean() / w.mean() + kl_weight * kl
+        else:
+            loss = l1 + mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 5.0)
@@ -162,11 +185,12 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, kl_wei
             log(f"[vae] step {step + 1}/{steps}  l1 {h[0]:.4f}  mse {h[1]:.5f}  kl {h[2]:.2f}  "
                 f"{el:.0f}s elapsed, eta {el / (step + 1) * (steps - step - 1):.0f}s")
     h = np.mean(hist[-min(50, len(hist)):], axis=0)
-    return dict(l1=float(h[0]), mse=float(h[1]), kl=float(h[2]), seconds=time.time() - t0)
+    return dict(l1=float(h[0]), mse=float(h[1]), kl=float(h[2]), seconds=time.time() - t0, steps_done=done)
 
 
 def finetune_decoder(vae, images: np.ndarray, lat_mean, lat_std, steps: int, batch: int, lr: float,
-                     gen: torch.Generator, log_every: int, deadline: float = 0.0) -> dict:
+                     gen: torch.Generator, log_every: int, deadline: float = 0.0,
+                     masks: np.ndarray | None = None, fg_weight: float = 0.0) -> dict:
     """Fine-tune only the VAE decoder (post_quant_conv + decoder) on the frozen encoder's
     latents: the latent space the U-Net was trained on does not change."""
     vae.requires_grad_(False)
@@ -190,9 +214,14 @@ def finetune_decoder(vae, images: np.ndarray, lat_mean, lat_std, steps: int, bat
         x = to_tensor(images[idx.numpy()])
         z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        mse = (rec - x).pow(2).mean()
-        loss = l1 + mse
+        err = rec - x
+        l1 = err.abs().mean()
+        mse = err.pow(2).mean()
+        if masks is not None and fg_weight > 0:
+            w = 1.0 + fg_weight * torch.from_numpy(masks[idx.numpy()])[:, None]
+            loss = ((err.abs() + err.pow(2)) * w).mean() / w.mean()
+        else:
+            loss = l1 + mse
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec_params, 5.0)
@@ -216,6 +245,21 @@ def heldout_recon_l1(vae, seed: int) -> float:
     return float((rec - xh).abs().mean())
 
 
+@torch.no_grad()
+def reconstruction_adherence(vae, n: int = 200) -> dict:
+    """Prompt adherence (quality harness) of the VAE's reconstructions of renders of the evaluation
+    prompts: the ceiling any U-Net trained in this latent space can reach. A diagnostic only."""
+    from ldm_deploy.quality import evaluate
+
+    attrs = shapes.eval_prompts(n)
+    rng = np.random.default_rng(5)
+    real = np.stack([shapes.render(a, MODEL_CONFIG["image_size"], rng) for a in attrs])
+    rec = vae.decode(vae.encode(to_tensor(real)).latent_dist.mean).sample.clamp(-1, 1)
+    rec = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    r = evaluate(rec, attrs, inception=False)
+    return {"adherence": r["adherence"], "per_attribute": r["per_attribute"]}
+
+
 def decoder_only(args, src: Path, out: Path, log_md: Path | None) -> int:
     """Second training command: fine-tune the decoder of an already trained pipeline."""
     from diffusers import StableDiffusionPipeline
@@ -227,14 +271,19 @@ def decoder_only(args, src: Path, out: Path, log_md: Path | None) -> int:
     deadline = t_start + 60 * args.max_minutes if args.max_minutes else 0.0
     pipe = StableDiffusionPipeline.from_pretrained(str(src), torch_dtype=torch.float32)
     vae = pipe.vae
-    images, _, _ = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
-                                       size=MODEL_CONFIG["image_size"])
+    images, _, attrs = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
+                                           size=MODEL_CONFIG["image_size"])
     lat_mean, lat_std = encode_all(vae, images)
     before = heldout_recon_l1(vae, args.seed)
-    log(f"[decoder] fine-tuning the decoder of {src}; held-out-combo recon L1 before {before:.4f}")
+    adh_before = reconstruction_adherence(vae)["adherence"]
+    log(f"[decoder] fine-tuning the decoder of {src}; held-out-combo recon L1 before {before:.4f}, "
+        f"adherence of reconstructions {adh_before:.3f}")
     st = finetune_decoder(vae, images, lat_mean, lat_std, args.decoder_steps, args.vae_batch, args.decoder_lr,
-                          gen, args.log_every, deadline)
+                          gen, args.log_every, deadline, foreground_masks(images, attrs), args.fg_weight)
     after = heldout_recon_l1(vae, args.seed)
+    adh_after = reconstruction_adherence(vae)
+    log(f"[decoder] after: held-out-combo recon L1 {after:.4f}, adherence of reconstructions "
+        f"{adh_after['adherence']:.3f} {adh_after['per_attribute']}")
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     compact_saved(out)
@@ -244,10 +293,12 @@ def decoder_only(args, src: Path, out: Path, log_md: Path | None) -> int:
         f"Command: `python scripts/train_tiny.py {' '.join(sys.argv[1:])}`\n\n"
         "Only `post_quant_conv` + decoder are trained, on latents of the frozen encoder (the U-Net's latent "
         "space and `scaling_factor` are unchanged).\n\n"
-        "| steps | batch | wall time | final L1 / MSE (train) | held-out-combo recon L1 before -> after |\n"
-        "|---|---|---|---|---|\n"
+        "| steps | batch | wall time | final L1 / MSE (train) | held-out-combo recon L1 before -> after "
+        "| adherence of reconstructions before -> after |\n"
+        "|---|---|---|---|---|---|\n"
         f"| {st['steps_done']} (of {args.decoder_steps}) | {args.vae_batch} | {st['seconds']:.0f} s "
-        f"(command total {total:.0f} s) | {st['l1']:.4f} / {st['mse']:.5f} | {before:.4f} -> {after:.4f} |\n"
+        f"(command total {total:.0f} s) | {st['l1']:.4f} / {st['mse']:.5f} | {before:.4f} -> {after:.4f} "
+        f"| {adh_before:.3f} -> {adh_after['adherence']:.3f} |\n"
     )
     print(text, flush=True)
     if log_md is not None and log_md.exists():
@@ -433,11 +484,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few dozen steps, for smoke tests")
     ap.add_argument("--n-train", type=int, default=20000, help="number of pre-rendered training images")
-    ap.add_argument("--vae-steps", type=int, default=700)
-    ap.add_argument("--vae-batch", type=int, default=24)
-    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-5)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--fg-weight", type=float, default=5.0, help="extra reconstruction weight on shape pixels")
+    ap.add_argument("--vae-minutes", type=float, default=20.0, help="time budget of the VAE stage (0: none)")
+    ap.add_argument("--unet-steps", type=int, default=3200)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="caption dropout probability")
@@ -445,8 +498,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=0, help="save an EMA checkpoint every N U-Net steps to OUT_ckpt")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-minutes", type=float, default=48.0,
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-minutes", type=float, default=58.0,
                     help="safety cap on total wall time: U-Net training stops early (and says so) past it; 0 = none")
     ap.add_argument("--decoder-only", type=Path, default=None, metavar="DIR",
                     help="instead of training from scratch, fine-tune the VAE decoder of the pipeline in DIR "
@@ -487,14 +540,16 @@ def main(argv=None) -> int:
     log(f"params: {counts}  total {sum(counts.values()) / 1e6:.2f}M")
 
     t = time.time()
-    images, captions, _ = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
-                                              size=MODEL_CONFIG["image_size"])
+    images, captions, attrs = shapes.make_dataset(args.n_train, seed=args.seed, split="train",
+                                                  size=MODEL_CONFIG["image_size"])
+    masks = foreground_masks(images, attrs)
     t_data = time.time() - t
     log(f"[data] {len(images)} train images rendered in {t_data:.1f}s; e.g. {captions[0]!r}")
 
     log("[vae] training")
+    vae_deadline = t_start + 60 * args.vae_minutes if args.vae_minutes else 0.0
     vae_stats = train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, args.kl_weight,
-                          gen, args.log_every)
+                          gen, args.log_every, masks, args.fg_weight, vae_deadline)
     vae.eval().requires_grad_(False)
 
     t = time.time()
@@ -514,6 +569,9 @@ def main(argv=None) -> int:
         rec = vae.decode(vae.encode(xh).latent_dist.mean).sample.clamp(-1, 1)
         vae_heldout_l1 = float((rec - xh).abs().mean())
     log(f"[vae] heldout-combo reconstruction L1 {vae_heldout_l1:.4f} (in [-1,1] units)")
+    vae_adherence = reconstruction_adherence(vae)
+    log(f"[vae] reconstructions of the 200 evaluation prompts' renders: attribute adherence "
+        f"{vae_adherence['adherence']:.3f} {vae_adherence['per_attribute']}")
 
     def ckpt_cb(eu, ete, step):
         p = Path(str(out) + "_ckpt")
@@ -528,7 +586,7 @@ def main(argv=None) -> int:
     size = dir_size(out)
     log(f"[save] {out}  {size / 1e6:.2f} MB")
 
-    cfg_public = {k: vars(args)[k] for k in ("seed", "n_train", "vae_steps", "vae_batch", "vae_lr", "kl_weight",
+    cfg_public = {k: vars(args)[k] for k in ("seed", "n_train", "vae_steps", "vae_batch", "vae_lr", "kl_weight", "fg_weight", "vae_minutes",
                                              "unet_steps", "batch", "lr", "cfg_drop", "min_snr_gamma", "ema_decay",
                                              "max_minutes")}
     lines = [
@@ -559,9 +617,10 @@ def main(argv=None) -> int:
         "| stage | steps | wall time | final losses (mean of last steps) |",
         "|---|---|---|---|",
         f"| data | {args.n_train} images | {t_data:.0f} s | |",
-        f"| VAE | {args.vae_steps} x {args.vae_batch} | {vae_stats['seconds']:.0f} s | "
+        f"| VAE | {vae_stats['steps_done']} (of {args.vae_steps}) x {args.vae_batch} | {vae_stats['seconds']:.0f} s | "
         f"L1 {vae_stats['l1']:.4f}, MSE {vae_stats['mse']:.5f}, KL {vae_stats['kl']:.2f}; "
-        f"held-out-combo recon L1 {vae_heldout_l1:.4f} |",
+        f"held-out-combo recon L1 {vae_heldout_l1:.4f}; adherence of reconstructions "
+        f"{vae_adherence['adherence']:.3f} |",
         f"| latents | scaling_factor {scaling:.5f} (latent std {std:.4f}) | {t_enc:.0f} s | |",
         f"| U-Net + text encoder | {den['steps_done']} (of {args.unet_steps}) x {args.batch} | {den['seconds']:.0f} s | "
         f"eps MSE {den['mse']:.4f}, min-SNR loss {den['loss_minsnr']:.4f} |",
