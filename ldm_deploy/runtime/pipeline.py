@@ -18,7 +18,7 @@ from ..errors import LdmDeployError
 from ..specs import ShapeRanges
 from .components import OnnxComponent
 from .image import to_model_image, to_pil
-from .memory import limit_heap_retention
+from .memory import limit_heap_retention, release_free_heap
 from .scheduler import DDIMScheduler
 from .tokenizer import ClipTokenizer
 
@@ -174,6 +174,7 @@ class Pipeline:
         timings["steps"] = len(timesteps)
 
         t0 = time.perf_counter()
+        release_free_heap()
         decoded = self.decode(latents)
         timings["vae_decoder"] = time.perf_counter() - t0
         images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
