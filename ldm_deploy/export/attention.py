@@ -23,33 +23,52 @@ import torch
 import torch.nn.functional as F
 
 
+def _tokens_in(attn, hidden_states, temb):  # type: ignore[no-untyped-def]
+    """Spatial norm, ``[B, C, H, W] -> [B, HW, C]`` and group norm, as diffusers' processors do;
+    returns the tokens, the residual and the 4-D shape (or None)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = tuple(hidden_states.shape) if hidden_states.ndim == 4 else None
+    if shape is not None:
+        b, c, h, w = shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, residual, shape
+
+
+def _qkv(attn, hidden_states, encoder_hidden_states):  # type: ignore[no-untyped-def]
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+
+def _tokens_out(attn, hidden_states, residual, shape):  # type: ignore[no-untyped-def]
+    """Output projection, back to 4-D, residual and rescale."""
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 class HeadSlicedAttnProcessor:
     """Same maths as diffusers' scaled-dot-product processor, self-attention split per head."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        hidden_states, residual, shape = _tokens_in(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
         if attention_mask is not None:
             kv_len = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
             attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         self_attention = encoder_hidden_states is None
-        query = attn.to_q(hidden_states)
-        if self_attention:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = _qkv(attn, hidden_states, encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         split = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
@@ -70,12 +89,7 @@ class HeadSlicedAttnProcessor:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if four_d:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _tokens_out(attn, hidden_states, residual, shape)
 
 
 class _OrtMultiHeadAttention(torch.autograd.Function):
@@ -106,29 +120,10 @@ class FusedMHAAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
         if attention_mask is not None or attn.norm_q is not None or attn.norm_k is not None:
             return self._fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        four_d = hidden_states.ndim == 4
-        if four_d:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        hidden_states, residual, shape = _tokens_in(attn, hidden_states, temb)
+        query, key, value = _qkv(attn, hidden_states, encoder_hidden_states)
         hidden_states = _OrtMultiHeadAttention.apply(query, key, value, int(attn.heads), float(attn.scale))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if four_d:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return _tokens_out(attn, hidden_states, residual, shape)
 
 
 PROCESSORS = {"sliced": HeadSlicedAttnProcessor, "mha": FusedMHAAttnProcessor}

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Callable, Iterable, Sequence
 
 from ..errors import LdmDeployError
+from ..patterns import name_matcher
 
 
 def matcher(pattern: str) -> Callable[[str], bool]:
     """``re:<regex>`` (searched), a glob with ``* ? [ ]``, or a module name (that module and
     everything under it)."""
-    if pattern.startswith("re:"):
-        try:
-            rx = re.compile(pattern[3:])
-        except re.error as e:
-            raise LdmDeployError(f"bad --keep regex {pattern!r}: {e}") from None
-        return lambda name: rx.search(name) is not None
-    if any(c in pattern for c in "*?["):
-        return lambda name: fnmatch.fnmatchcase(name, pattern)
-    return lambda name: name == pattern or name.startswith(pattern + ".")
+    return name_matcher(pattern, lambda p, name: name == p or name.startswith(p + "."), "--keep")
 
 
 def match_keep(module_names: Iterable[str], patterns: Sequence[str]) -> dict[str, str]:

@@ -26,8 +26,6 @@ its in-memory calibrator.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -36,6 +34,7 @@ import numpy as np
 import onnx
 
 from ..errors import LdmDeployError
+from ..patterns import name_matcher
 
 TARGETS = ("cpu", "tensorrt")
 
@@ -107,15 +106,7 @@ def recipe(target: str, quant_format: str | None = None, attention_matmuls: bool
 
 def _matcher(pattern: str):  # type: ignore[no-untyped-def]
     """``re:<regex>`` (search), a glob with * ? [ ], or a plain substring."""
-    if pattern.startswith("re:"):
-        try:
-            rx = re.compile(pattern[3:])
-        except re.error as e:
-            raise LdmDeployError(f"bad exclude regex {pattern!r}: {e}") from None
-        return lambda name: rx.search(name) is not None
-    if any(c in pattern for c in "*?["):
-        return lambda name: fnmatch.fnmatchcase(name, pattern)
-    return lambda name: pattern in name
+    return name_matcher(pattern, lambda p, name: p in name, "exclude")
 
 
 def match_nodes(node_names: Iterable[str], patterns: Sequence[str], strict: bool = True) -> dict[str, list[str]]:
