@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from ldm_deploy.artifact import peak_rss_bytes
+from ldm_deploy.bench.measure import session_step_times
+
 
 def _inputs(batch: int, size: int, hidden: int, channels: int = 4):  # type: ignore[no-untyped-def]
     import numpy as np
@@ -34,11 +37,6 @@ def _inputs(batch: int, size: int, hidden: int, channels: int = 4):  # type: ign
     }
 
 
-def _peak_rss() -> int:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
 
 
 def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, threads: int) -> dict:
@@ -50,16 +48,10 @@ def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, th
     sess = make_session(art.model_file("unet"), "cpu", None, threads)
     load_s = time.perf_counter() - t0
     feeds = _inputs(batch, size, int(art.manifest["model_dims"]["text_hidden"]))
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
+    times = session_step_times(sess, feeds, iters, warmup)
     q = art.manifest.get("quantization") or {}
     return {"load_s": load_s, "step_s": times, "precision": art.manifest.get("precision"),
-            "target": q.get("target"), "method": q.get("method"), "peak_rss_bytes": _peak_rss()}
+            "target": q.get("target"), "method": q.get("method"), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, threads: int) -> dict:
@@ -80,7 +72,7 @@ def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, thr
             unet(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"])
             if i >= warmup:
                 times.append(time.perf_counter() - t)
-    return {"load_s": load_s, "step_s": times, "precision": "fp32", "peak_rss_bytes": _peak_rss()}
+    return {"load_s": load_s, "step_s": times, "precision": "fp32", "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _spawn(args: list[str]) -> dict:

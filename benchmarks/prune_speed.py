@@ -24,13 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ldm_deploy.artifact import peak_rss_bytes
+from ldm_deploy.bench.measure import session_step_times
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker_export(source: str, out: str, size: int) -> dict:
@@ -40,7 +39,7 @@ def worker_export(source: str, out: str, size: int) -> dict:
     m = export_model(source, Path(out), ExportOptions(height=size, width=size, components=("unet",)), log=lambda s: None)
     v = m["validation"]["unet"]
     return {"seconds": time.perf_counter() - t0, "validation": {k: v.get(k) for k in ("status", "cosine", "max_abs", "max_rel")},
-            "peak_rss_bytes": _peak_rss()}
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def worker_time(artifact: str, size: int, iters: int, warmup: int, threads: int) -> dict:
@@ -61,14 +60,8 @@ def worker_time(artifact: str, size: int, iters: int, warmup: int, threads: int)
         "timestep": np.array([501.0], dtype=np.float32),
         "encoder_hidden_states": rng.standard_normal((2, int(dims["seq_len"]), int(dims["text_hidden"]))).astype(np.float32),
     }
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return {"load_s": load_s, "step_s": times, "peak_rss_bytes": _peak_rss()}
+    times = session_step_times(sess, feeds, iters, warmup)
+    return {"load_s": load_s, "step_s": times, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:

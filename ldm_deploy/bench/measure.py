@@ -34,6 +34,13 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> floa
     return time.perf_counter() - t0
 
 
+def session_step_times(session: Any, feeds: dict[str, Any], iters: int, warmup: int = 1) -> list[float]:
+    """Seconds of ``iters`` calls of an ONNX Runtime ``session`` on ``feeds``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    return [timed(lambda: session.run(None, feeds)) for _ in range(iters)]
+
+
 class _Nvml:
     """Device memory of this process (or, where the driver does not report it, used minus baseline)."""
 
