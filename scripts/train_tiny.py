@@ -15,12 +15,13 @@ Stages:
      SD1.5's DDIM config, 10% caption dropout (empty prompt) for classifier-free
      guidance, min-SNR loss weighting, EMA of the weights (the EMA weights are saved).
 
-Runs on CPU with 1 thread (on a shared 2-core machine one thread per job was several times
-faster than two); the default step counts took 45 minutes there, plus about 10 for the
-decoder fine-tune (second command). ``--quick`` runs a few dozen steps for smoke testing.
+Runs on CPU with 2 threads on an otherwise idle 2-core machine (on a shared machine use
+``--threads 1``: two threads were several times slower there). The defaults took 53 minutes
+(the U-Net stage stops at the ``--max-minutes`` cap, 7486 of 7500 steps), plus 3 for the decoder
+fine-tune (second command). ``--quick`` runs a few dozen steps for smoke testing.
 
     python scripts/train_tiny.py                 # full run -> ldm_deploy/assets/tiny
-    python scripts/train_tiny.py --decoder-only ldm_deploy/assets/tiny --n-train 8000 --decoder-steps 1500
+    python scripts/train_tiny.py --decoder-only ldm_deploy/assets/tiny --n-train 8000 --max-minutes 7
     python scripts/train_tiny.py --quick         # smoke test -> /tmp/tiny_quick
 """
 
@@ -326,7 +327,13 @@ def continue_unet(args, src: Path, out: Path, log_md: Path | None) -> int:
     lat_mean, lat_std = encode_all(vae, images)
     scaling = float(vae.config.scaling_factor)
     log(f"[continue] {src}: {args.unet_steps} more U-Net steps at lr {args.lr}")
-    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen)
+
+    def ckpt_cb(eu, ete, step):
+        p = Path(f"{out}_ckpt{step}")
+        save_pipeline(p, vae, ete, tokenizer, eu)
+        log(f"[ckpt] step {step} -> {p}")
+
+    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen, ckpt_cb)
     save_pipeline(out, vae, den["ema_te"], tokenizer, den["ema_unet"])
     total = time.time() - t_start
     text = (
@@ -489,8 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-5)
     ap.add_argument("--fg-weight", type=float, default=5.0, help="extra reconstruction weight on shape pixels")
-    ap.add_argument("--vae-minutes", type=float, default=20.0, help="time budget of the VAE stage (0: none)")
-    ap.add_argument("--unet-steps", type=int, default=3200)
+    ap.add_argument("--vae-minutes", type=float, default=13.0, help="time budget of the VAE stage (0: none)")
+    ap.add_argument("--unet-steps", type=int, default=7500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="caption dropout probability")
@@ -498,8 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=int, default=0, help="save an EMA checkpoint every N U-Net steps to OUT_ckpt")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-minutes", type=float, default=58.0,
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=53.0,
                     help="safety cap on total wall time: U-Net training stops early (and says so) past it; 0 = none")
     ap.add_argument("--decoder-only", type=Path, default=None, metavar="DIR",
                     help="instead of training from scratch, fine-tune the VAE decoder of the pipeline in DIR "
