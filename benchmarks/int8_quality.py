@@ -92,16 +92,21 @@ def main() -> None:
     outp.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     lines = [f"# INT8 quality ({a.target}, {a.n} eval prompts, {a.steps} steps, seeds {a.seed}+i)", "",
-             "| variant | adherence | seen | held-out | domain FID | PSNR vs fp32 | SSIM vs fp32 | U-Net cos (held-out) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | adherence | seen | held-out | shape / colour / background / size / position | domain FID "
+             "| PSNR vs fp32 | SSIM vs fp32 | U-Net cos (held-out) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['error']} | | | | | | | |")
             continue
         cos = (r.get("unet_heldout") or {}).get("cosine")
         lines.append(f"| {r['variant']} | {fmt(r['adherence'], '.3f')} | {fmt(r['adherence_seen'], '.3f')} | "
-                     f"{fmt(r['adherence_heldout'], '.3f')} | {fmt(r['domain_fid'], '.3f')} | "
+                     f"{fmt(r['adherence_heldout'], '.3f')} | "
+                     f"{' / '.join(format(v, '.2f') for v in r['per_attribute'].values())} | {fmt(r['domain_fid'], '.3f')} | "
                      f"{fmt(r.get('psnr'), '.2f')} | {fmt(r.get('ssim'), '.4f')} | {fmt(cos, '.5f')} |")
+    lines += ["", f"Calibration: {a.calib_size} CFG batches over {a.calib_steps}-step sampling runs. "
+              "PSNR/SSIM: INT8 images against the fp32 artifact's images for the same prompt and seed.", "",
+              f"Reproduce: `python benchmarks/int8_quality.py {' '.join(sys.argv[1:])}`"]
     outp.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
