@@ -327,13 +327,8 @@ def continue_unet(args, src: Path, out: Path, log_md: Path | None) -> int:
     lat_mean, lat_std = encode_all(vae, images)
     scaling = float(vae.config.scaling_factor)
     log(f"[continue] {src}: {args.unet_steps} more U-Net steps at lr {args.lr}")
-
-    def ckpt_cb(eu, ete, step):
-        p = Path(f"{out}_ckpt{step}")
-        save_pipeline(p, vae, ete, tokenizer, eu)
-        log(f"[ckpt] step {step} -> {p}")
-
-    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen, ckpt_cb)
+    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen,
+                         checkpoint_saver(out, vae, tokenizer))
     save_pipeline(out, vae, den["ema_te"], tokenizer, den["ema_unet"])
     total = time.time() - t_start
     text = (
@@ -384,6 +379,15 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
     compact_saved(out)
+
+
+def checkpoint_saver(out: Path, vae, tokenizer):
+    """Callback for ``train_denoiser``: save the EMA U-Net + text encoder with ``vae`` to ``OUT_ckpt``."""
+    def save(ema_unet, ema_te, step: int) -> None:
+        p = Path(str(out) + "_ckpt")
+        save_pipeline(p, vae, ema_te, tokenizer, ema_unet)
+        log(f"[ckpt] step {step} -> {p}")
+    return save
 
 
 def compact_saved(out: Path) -> None:
@@ -580,13 +584,9 @@ def main(argv=None) -> int:
     log(f"[vae] reconstructions of the 200 evaluation prompts' renders: attribute adherence "
         f"{vae_adherence['adherence']:.3f} {vae_adherence['per_attribute']}")
 
-    def ckpt_cb(eu, ete, step):
-        p = Path(str(out) + "_ckpt")
-        save_pipeline(p, vae, ete, tokenizer, eu)
-        log(f"[ckpt] step {step} -> {p}")
-
     log("[unet] training U-Net + text encoder")
-    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen, ckpt_cb)
+    den = train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling, args, gen,
+                         checkpoint_saver(out, vae, tokenizer))
 
     save_pipeline(out, vae, den["ema_te"], tokenizer, den["ema_unet"])
     total = time.time() - t_start
