@@ -39,13 +39,14 @@ def _inputs(batch: int, size: int, hidden: int, channels: int = 4):  # type: ign
 
 
 
-def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, threads: int) -> dict:
+def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, threads: int,
+               low_memory: bool = False) -> dict:
     from ldm_deploy.artifact import Artifact
     from ldm_deploy.runtime.sessions import make_session
 
     art = Artifact.open(artifact)
     t0 = time.perf_counter()
-    sess = make_session(art.model_file("unet"), "cpu", None, threads)
+    sess = make_session(art.model_file("unet"), "cpu", None, threads, low_memory)
     load_s = time.perf_counter() - t0
     feeds = _inputs(batch, size, int(art.manifest["model_dims"]["text_hidden"]))
     times = session_step_times(sess, feeds, iters, warmup)
@@ -54,7 +55,8 @@ def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, th
             "target": q.get("target"), "method": q.get("method"), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, threads: int) -> dict:
+def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, threads: int,
+                 low_memory: bool = False) -> dict:
     import torch
 
     from ldm_deploy.models import load_model
@@ -93,17 +95,19 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--low-memory", action="store_true",
+                    help="ORT sessions without the memory arena (the runtime's --low-memory mode)")
     ap.add_argument("-o", "--output", default="benchmarks/results/int8_speed")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    common = (a.batch, a.size, a.iters, a.warmup, a.threads)
+    common = (a.batch, a.size, a.iters, a.warmup, a.threads, a.low_memory)
     if a._worker:
         kind, target = a._worker
         res = worker_torch(target, *common) if kind == "torch" else worker_ort(target, *common)
         print(json.dumps(res))
         return
     flags = ["--size", str(a.size), "--batch", str(a.batch), "--iters", str(a.iters), "--warmup", str(a.warmup),
-             "--threads", str(a.threads)]
+             "--threads", str(a.threads)] + (["--low-memory"] if a.low_memory else [])
     variants: list[tuple[str, list[str]]] = []
     if a.torch_model:
         variants.append((f"torch eager fp32 ({a.torch_model})", ["torch", a.torch_model, *flags]))
@@ -124,12 +128,15 @@ def main() -> None:
         if base and "median_step_s" in r:
             r["speedup_vs_ort_fp32"] = base["median_step_s"] / r["median_step_s"]
     result = {"benchmark": "int8_speed", "size": a.size, "unet_batch": 2 * a.batch, "iters": a.iters,
-              "warmup": a.warmup, "threads": a.threads or os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "warmup": a.warmup, "threads": a.threads or os.cpu_count(), "low_memory": a.low_memory, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "fp32": a.fp32, "int8": a.int8, "rows": rows}
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    mode = "low-memory sessions (no ORT arena)" if a.low_memory else "ORT memory arena"
     lines = [f"# INT8 vs fp32 U-Net speed ({a.size}x{a.size}, CFG batch {2 * a.batch}, {a.iters} iters)", "",
+             f"{result['machine']}, {result['threads']} threads, {mode}. Each variant in its own process, one after "
+             "the other; median of the timed iterations after the warm-up.", "",
              "| variant | s / CFG step (median) | speedup vs ORT fp32 | peak RSS GiB | load s |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -139,6 +146,9 @@ def main() -> None:
         sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in r else ""
         lines.append(f"| {r['variant']} | {r['median_step_s']:.4f} | {sp} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                      f"{r['load_s']:.1f} |")
+    lines += ["", "Timed iterations (s): " + "; ".join(
+        f"{r['variant']}: {', '.join(f'{x:.2f}' for x in r['step_s'])}" for r in rows if "step_s" in r), "",
+        f"Reproduce: `python benchmarks/int8_speed.py {' '.join(sys.argv[1:])}`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

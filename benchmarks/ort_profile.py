@@ -27,7 +27,7 @@ from ldm_deploy.inputs import example_inputs
 from ldm_deploy.runtime.sessions import session_options
 
 
-def profile_component(path: Path, component: str, size: int, runs: int, threads: int) -> dict[str, Any]:
+def profile_component(path: Path, component: str, size: int, runs: int, threads: int, arena: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
 
     art = Artifact.open(path)
@@ -38,7 +38,7 @@ def profile_component(path: Path, component: str, size: int, runs: int, threads:
                  image_height=size, image_width=size)
     feeds = example_inputs(spec, sizes, art.io_dtype)
     with tempfile.TemporaryDirectory(prefix="ortprof-") as tmp:
-        so = session_options(threads)
+        so = session_options(threads, low_memory=not arena)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "prof")
         sess = ort.InferenceSession(str(art.model_file(component)), so, providers=["CPUExecutionProvider"])
@@ -89,7 +89,8 @@ def to_markdown(res: list[dict[str, Any]], args: argparse.Namespace, machine: st
         lines.append(f"| {op} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: seconds per call (share of the kernel time, number of nodes).", "",
               f"Reproduce: `python benchmarks/ort_profile.py {' '.join(r['artifact'] for r in res)} --component "
-              f"{args.component} --size {args.size} --runs {args.runs} --threads {args.threads}`"]
+              f"{args.component} --size {args.size} --runs {args.runs} --threads {args.threads}"
+              f"{' --arena' if args.arena else ''}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -100,13 +101,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--arena", action="store_true",
+                    help="ORT's CPU memory arena on (its default) instead of the runtime's low-memory sessions")
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/ort_profile"))
     args = ap.parse_args()
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".replace("  ", " ")
     res = []
     for a in args.artifacts:
         print(f"profiling {a} ({args.component}, {args.size}px) ...", flush=True)
-        res.append(profile_component(a, args.component, args.size, args.runs, args.threads))
+        res.append(profile_component(a, args.component, args.size, args.runs, args.threads, args.arena))
         print(f"  {min(res[-1]['wall_s']):.3f} s / call", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"machine": machine, "component": args.component,

@@ -120,6 +120,16 @@ def test_threads_give_the_serial_images(pipe):
         assert np.array_equal(img, serial[s])
 
 
+def test_low_memory_sessions_give_the_same_images(pipe, tiny_random_fp32):
+    lean = Pipeline.load(tiny_random_fp32, low_memory=True)
+    for c in ("text_encoder", "unet", "vae_decoder"):
+        assert lean.components[c].session.get_session_options().enable_cpu_mem_arena is False
+        assert pipe.components[c].session.get_session_options().enable_cpu_mem_arena is True
+    a = pipe("a blue square", num_inference_steps=2, seed=3, output_type="np").images
+    b = lean("a blue square", num_inference_steps=2, seed=3, output_type="np").images
+    assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [

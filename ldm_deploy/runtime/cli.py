@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
     p.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, tensorrt (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="ONNX Runtime without its memory arena: lower peak RSS across image sizes, slower steps")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
     components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ())
     pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads, verify=not args.no_verify,
-                         components=components)
+                         components=components, low_memory=args.low_memory)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative,

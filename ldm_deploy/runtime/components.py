@@ -34,10 +34,10 @@ class OnnxComponent:
 
     @classmethod
     def load(cls, spec: ComponentSpec, path: Path, provider: str = "cpu", provider_options: dict | None = None,
-             threads: int = 0) -> "OnnxComponent":
+             threads: int = 0, low_memory: bool = False) -> "OnnxComponent":
         from .sessions import make_session
 
-        session = make_session(path, provider, provider_options, threads)
+        session = make_session(path, provider, provider_options, threads, low_memory)
         device = "cuda" if session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         return cls(spec, session, device)
 

@@ -58,7 +58,7 @@ class Pipeline:
         verify: bool = True,
         components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
         backend: str = "onnxruntime",
-        low_memory: bool = True,
+        low_memory: bool = False,
     ) -> "Pipeline":
         """Open an artifact and create one session per component.
 
@@ -66,8 +66,10 @@ class Pipeline:
         ``vae_encoder`` is loaded only if the artifact has it (img2img needs it).
         ``backend``: "onnxruntime" (sessions on ``provider``) or "tensorrt" (the engines built into
         the artifact by ``ldm-build`` for this GPU; ``provider``/``threads`` are ignored).
-        ``low_memory`` (default) returns freed activation memory to the OS promptly: see
-        :mod:`ldm_deploy.runtime.memory` (a process-wide glibc setting)."""
+        ``low_memory``: ONNX Runtime sessions without the CPU memory arena, and freed activation
+        memory returned to the OS promptly (:mod:`ldm_deploy.runtime.memory`, a process-wide glibc
+        setting): a lower resident peak when one process serves many image sizes, at the cost of
+        slower steps (see :func:`~ldm_deploy.runtime.sessions.session_options`)."""
         if low_memory:
             limit_heap_retention()
         art = Artifact.open(path)
@@ -80,7 +82,8 @@ class Pipeline:
             loaded = load_components(art, wanted)
         elif backend == "onnxruntime":
             loaded = {
-                c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, provider_options, threads) for c in wanted
+                c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, provider_options, threads, low_memory)
+                for c in wanted
             }
         else:
             raise LdmDeployError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")

@@ -33,12 +33,16 @@ def resolve_provider(name: str) -> str:
     return full
 
 
-def session_options(threads: int = 0, low_memory: bool = True) -> ort.SessionOptions:
+def session_options(threads: int = 0, low_memory: bool = False) -> ort.SessionOptions:
     """Session options for large diffusion graphs.
 
-    ``low_memory`` turns off the CPU memory arena (its grow-only chunks hold on to the peak of
-    every shape ever run) and lets large initializers be used in place from memory-mapped
-    external data rather than copied.
+    By default ORT's CPU memory arena serves the activations: after the first call at a shape,
+    a step allocates nothing from the OS. ``low_memory`` turns the arena off (its grow-only chunks
+    hold on to the peak of every shape ever run), so every activation is a fresh ``malloc``; with
+    :func:`~ldm_deploy.runtime.memory.limit_heap_retention` the large ones are returned to the OS
+    on free. That costs page faults on every step: measured on the sd15-random U-Net at 512x512
+    (2 threads), 4.1-4.5 s -> 4.3-6.0 s per fp32 step and 2.1-2.3 s -> 3.0-3.5 s per INT8 step
+    (``benchmarks/int8_speed.py --low-memory``).
     """
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -56,7 +60,7 @@ def make_session(
     provider: str = "cpu",
     provider_options: dict[str, Any] | None = None,
     threads: int = 0,
-    low_memory: bool = True,
+    low_memory: bool = False,
 ) -> ort.InferenceSession:
     full = resolve_provider(provider)
     providers: list[Any] = [(full, provider_options or {})]
