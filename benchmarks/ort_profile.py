@@ -27,7 +27,7 @@ from ldm_deploy.inputs import example_inputs
 from ldm_deploy.runtime.sessions import session_options
 
 
-def profile_component(path: Path, component: str, size: int, runs: int, threads: int, arena: bool = False) -> dict[str, Any]:
+def profile_component(path: Path, component: str, size: int, runs: int, threads: int, arena: bool = True) -> dict[str, Any]:
     import onnxruntime as ort
 
     art = Artifact.open(path)
@@ -72,7 +72,8 @@ def to_markdown(res: list[dict[str, Any]], args: argparse.Namespace, machine: st
     lines = [
         f"# ONNX Runtime CPU profile: `{args.component}` at {args.size}x{args.size}",
         "",
-        f"{machine}. {args.runs} profiled calls after one warm-up, {args.threads} intra-op threads; inputs "
+        f"{machine}. {args.runs} profiled calls after one warm-up, {args.threads} intra-op threads, "
+        f"{'low-memory sessions (no ORT arena)' if args.low_memory else 'ORT memory arena'}; inputs "
         f"{res[0]['inputs']}. Seconds per call summed over the kernels of each operator type (ORT profiler).",
         "",
         "| | " + " | ".join(f"`{n}` ({r['precision']}{', ' + r['quantization'] if r['quantization'] else ''})"
@@ -90,7 +91,7 @@ def to_markdown(res: list[dict[str, Any]], args: argparse.Namespace, machine: st
     lines += ["", "Cells: seconds per call (share of the kernel time, number of nodes).", "",
               f"Reproduce: `python benchmarks/ort_profile.py {' '.join(r['artifact'] for r in res)} --component "
               f"{args.component} --size {args.size} --runs {args.runs} --threads {args.threads}"
-              f"{' --arena' if args.arena else ''}`"]
+              f"{' --low-memory' if args.low_memory else ''}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -101,15 +102,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--arena", action="store_true",
-                    help="ORT's CPU memory arena on (its default) instead of the runtime's low-memory sessions")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="sessions without ORT's memory arena (the runtime's --low-memory mode)")
     ap.add_argument("-o", "--out", type=Path, default=Path("benchmarks/results/ort_profile"))
     args = ap.parse_args()
     machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".replace("  ", " ")
     res = []
     for a in args.artifacts:
         print(f"profiling {a} ({args.component}, {args.size}px) ...", flush=True)
-        res.append(profile_component(a, args.component, args.size, args.runs, args.threads, args.arena))
+        res.append(profile_component(a, args.component, args.size, args.runs, args.threads, not args.low_memory))
         print(f"  {min(res[-1]['wall_s']):.3f} s / call", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"machine": machine, "component": args.component,
