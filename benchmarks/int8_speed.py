@@ -55,8 +55,7 @@ def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, th
             "target": q.get("target"), "method": q.get("method"), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, threads: int,
-                 low_memory: bool = False) -> dict:
+def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, threads: int) -> dict:
     import torch
 
     from ldm_deploy.models import load_model
@@ -100,10 +99,10 @@ def main() -> None:
     ap.add_argument("-o", "--output", default="benchmarks/results/int8_speed")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    common = (a.batch, a.size, a.iters, a.warmup, a.threads, a.low_memory)
+    common = (a.batch, a.size, a.iters, a.warmup, a.threads)
     if a._worker:
         kind, target = a._worker
-        res = worker_torch(target, *common) if kind == "torch" else worker_ort(target, *common)
+        res = worker_torch(target, *common) if kind == "torch" else worker_ort(target, *common, a.low_memory)
         print(json.dumps(res))
         return
     flags = ["--size", str(a.size), "--batch", str(a.batch), "--iters", str(a.iters), "--warmup", str(a.warmup),

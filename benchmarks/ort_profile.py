@@ -27,7 +27,7 @@ from ldm_deploy.inputs import example_inputs
 from ldm_deploy.runtime.sessions import session_options
 
 
-def profile_component(path: Path, component: str, size: int, runs: int, threads: int, arena: bool = True) -> dict[str, Any]:
+def profile_component(path: Path, component: str, size: int, runs: int, threads: int, low_memory: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
 
     art = Artifact.open(path)
@@ -38,7 +38,7 @@ def profile_component(path: Path, component: str, size: int, runs: int, threads:
                  image_height=size, image_width=size)
     feeds = example_inputs(spec, sizes, art.io_dtype)
     with tempfile.TemporaryDirectory(prefix="ortprof-") as tmp:
-        so = session_options(threads, low_memory=not arena)
+        so = session_options(threads, low_memory)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "prof")
         sess = ort.InferenceSession(str(art.model_file(component)), so, providers=["CPUExecutionProvider"])
@@ -110,7 +110,7 @@ def main() -> None:
     res = []
     for a in args.artifacts:
         print(f"profiling {a} ({args.component}, {args.size}px) ...", flush=True)
-        res.append(profile_component(a, args.component, args.size, args.runs, args.threads, not args.low_memory))
+        res.append(profile_component(a, args.component, args.size, args.runs, args.threads, args.low_memory))
         print(f"  {min(res[-1]['wall_s']):.3f} s / call", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"machine": machine, "component": args.component,

@@ -425,27 +425,26 @@ def dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-#: The attribute vocabularies of a caption, in the order of :func:`caption_labels`' columns.
-ATTRIBUTE_VALUES = (shapes.SHAPES, shapes.COLORS, shapes.COLORS, shapes.SIZES, shapes.POSITIONS)
-
-
 def caption_labels(captions: list[str]) -> torch.Tensor:
-    """``[N, 5]`` class indices (shape, colour, background, size, position) of shapes captions."""
-    rows = []
-    for c in captions:
-        a = shapes.parse_caption(c)
-        vals = (a.shape, a.color, a.background, a.size, a.position)
-        rows.append([list(v).index(x) for v, x in zip(ATTRIBUTE_VALUES, vals)])
-    return torch.tensor(rows)
+    """``[N, 5]`` class indices of shapes captions, columns in ``ATTRIBUTE_NAMES`` order (the
+    quality classifier's labels)."""
+    from ldm_deploy.quality.classifier import ATTRIBUTE_NAMES, attribute_labels
+
+    labels = attribute_labels([shapes.parse_caption(c) for c in captions])
+    return torch.stack([labels[name] for name in ATTRIBUTE_NAMES], dim=1)
+
+
+def attribute_widths() -> list[int]:
+    """Number of classes of each attribute, in ``ATTRIBUTE_NAMES`` order."""
+    from ldm_deploy.quality.classifier import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES
+
+    return [len(ATTRIBUTE_VALUES[name]) for name in ATTRIBUTE_NAMES]
 
 
 def attribute_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the five attribute classifiers packed side by side in ``logits``."""
-    out, start = 0.0, 0
-    for j, vals in enumerate(ATTRIBUTE_VALUES):
-        out = out + torch.nn.functional.cross_entropy(logits[:, start:start + len(vals)], labels[:, j])
-        start += len(vals)
-    return out / len(ATTRIBUTE_VALUES)
+    parts = torch.split(logits, attribute_widths(), dim=1)
+    return torch.stack([torch.nn.functional.cross_entropy(p, labels[:, j]) for j, p in enumerate(parts)]).mean()
 
 
 def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, scaling: float,
@@ -470,7 +469,7 @@ def train_denoiser(unet, text_encoder, tokenizer, lat_mean, lat_std, captions, s
     aux_head, aux_labels = None, None
     if args.text_aux_weight > 0:
         aux_labels = caption_labels(uniq)
-        aux_head = torch.nn.Linear(text_encoder.config.hidden_size, sum(len(v) for v in ATTRIBUTE_VALUES))
+        aux_head = torch.nn.Linear(text_encoder.config.hidden_size, sum(attribute_widths()))
         params += list(aux_head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     unet.train()

@@ -11,6 +11,7 @@ import torch
 
 from conftest import ROOT
 from ldm_deploy.data import shapes
+from ldm_deploy.quality.classifier import ATTRIBUTE_NAMES, ATTRIBUTE_VALUES
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,12 @@ def test_caption_labels_index_the_caption_attributes(train_tiny):
     labels = train_tiny.caption_labels([shapes.caption(a) for a in attrs])
     assert labels.shape == (50, 5)
     for a, row in zip(attrs, labels.tolist()):
-        decoded = [list(vals)[i] for vals, i in zip(train_tiny.ATTRIBUTE_VALUES, row)]
+        decoded = [ATTRIBUTE_VALUES[name][i] for name, i in zip(ATTRIBUTE_NAMES, row)]
         assert decoded == [a.shape, a.color, a.background, a.size, a.position]
 
 
 def test_attribute_loss_is_the_mean_cross_entropy(train_tiny):
-    widths = [len(v) for v in train_tiny.ATTRIBUTE_VALUES]
+    widths = train_tiny.attribute_widths()
     labels = torch.zeros(3, 5, dtype=torch.long)
     uniform = torch.zeros(3, sum(widths))
     expected = sum(math.log(w) for w in widths) / len(widths)

@@ -31,6 +31,7 @@ from ldm_deploy.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Attributes,
 __all__ = [
     "ATTRIBUTE_NAMES",
     "ATTRIBUTE_VALUES",
+    "attribute_labels",
     "IMAGE_SIZE",
     "DEFAULT_WEIGHTS",
     "AttributeClassifier",
@@ -107,7 +108,8 @@ def _to_tensor(batch_uint8: np.ndarray) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def _labels(attrs: Sequence[Attributes]) -> dict[str, torch.Tensor]:
+def attribute_labels(attrs: Sequence[Attributes]) -> dict[str, torch.Tensor]:
+    """Class indices into :data:`ATTRIBUTE_VALUES`, one ``[N]`` tensor per attribute name."""
     out = {}
     for name in ATTRIBUTE_NAMES:
         idx = {v: i for i, v in enumerate(ATTRIBUTE_VALUES[name])}
@@ -305,7 +307,7 @@ def train_classifier(
         chunks.append(imgs)
         attrs_all.extend(attrs)
     data = torch.from_numpy(np.concatenate(chunks)).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
-    labels = _labels(attrs_all)
+    labels = attribute_labels(attrs_all)
     if log:
         log(f"rendered {len(data)} images in {time.perf_counter() - t0:.1f}s")
 
