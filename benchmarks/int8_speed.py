@@ -2,7 +2,9 @@
 (plus diffusers + torch eager fp32 for reference), side by side in one run.
 
 Each variant runs in its own subprocess (its peak RSS is its own), one after the other, on the same
-random CFG inputs (batch 2B, latent size/8):
+random CFG inputs (batch 2B, latent size/8). With ``--rounds R`` the ORT variants run R times in
+turn (fp32, int8, fp32, int8, ...), so a slow spell of a shared CPU lands on all of them; the
+speedup is also reported per round:
 
     python benchmarks/int8_speed.py --fp32 sd15-onnx/ --int8 sd15-int8/ --torch-model sd15-random \\
         --size 512 --iters 3 -o benchmarks/results/int8_speed_sd15_cpu
@@ -76,6 +78,10 @@ def worker_torch(model: str, batch: int, size: int, iters: int, warmup: int, thr
     return {"load_s": load_s, "step_s": times, "precision": "fp32", "peak_rss_bytes": peak_rss_bytes()}
 
 
+def _median(xs: list[float]) -> float:
+    return float(sorted(xs)[len(xs) // 2])
+
+
 def _spawn(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     p = subprocess.run([sys.executable, __file__, "--_worker", *args], capture_output=True, text=True, env=env)
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="run the ORT variants this many times in turn")
     ap.add_argument("--low-memory", action="store_true",
                     help="ORT sessions without the memory arena (the runtime's --low-memory mode)")
     ap.add_argument("-o", "--output", default="benchmarks/results/int8_speed")
@@ -108,42 +115,59 @@ def main() -> None:
     flags = ["--size", str(a.size), "--batch", str(a.batch), "--iters", str(a.iters), "--warmup", str(a.warmup),
              "--threads", str(a.threads)] + (["--low-memory"] if a.low_memory else [])
     variants: list[tuple[str, list[str]]] = []
-    if a.torch_model:
-        variants.append((f"torch eager fp32 ({a.torch_model})", ["torch", a.torch_model, *flags]))
     if a.fp32:
         variants.append(("ORT CPU fp32", ["ort", a.fp32, *flags]))
     for p in a.int8:
         variants.append((f"ORT CPU int8 ({Path(p).name})", ["ort", p, *flags]))
     rows = []
-    for name, args in variants:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        r = _spawn(args[:2] + args[2:])
-        r["variant"] = name
+    if a.torch_model:  # slow and only for reference: once
+        print(f"running torch eager fp32 ({a.torch_model}) ...", file=sys.stderr, flush=True)
+        rows.append({**_spawn(["torch", a.torch_model, *flags]), "variant": f"torch eager fp32 ({a.torch_model})"})
+    runs: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for k in range(max(1, a.rounds)):
+        for name, args in variants:
+            print(f"round {k + 1}/{a.rounds}: running {name} ...", file=sys.stderr, flush=True)
+            runs[name].append(_spawn(args))
+    for name, rs in runs.items():
+        ok = [r for r in rs if "step_s" in r]
+        if len(ok) < len(rs):
+            rows.append({"variant": name, "error": next(r["error"] for r in rs if "error" in r)})
+            continue
+        rows.append({"variant": name, "step_s": [t for r in ok for t in r["step_s"]],
+                     "round_median_s": [_median(r["step_s"]) for r in ok],
+                     "load_s": ok[0]["load_s"], "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
+                     **{k: ok[0][k] for k in ("precision", "target", "method") if k in ok[0]}})
+    for r in rows:
         if "step_s" in r:
-            r["median_step_s"] = sorted(r["step_s"])[len(r["step_s"]) // 2]
-        rows.append(r)
+            r["median_step_s"] = _median(r["step_s"])
     base = next((r for r in rows if r["variant"] == "ORT CPU fp32" and "median_step_s" in r), None)
     for r in rows:
         if base and "median_step_s" in r:
             r["speedup_vs_ort_fp32"] = base["median_step_s"] / r["median_step_s"]
+            if "round_median_s" in r:
+                r["speedup_per_round"] = [f / q for f, q in zip(base["round_median_s"], r["round_median_s"])]
     result = {"benchmark": "int8_speed", "size": a.size, "unet_batch": 2 * a.batch, "iters": a.iters,
+              "rounds": a.rounds,
               "warmup": a.warmup, "threads": a.threads or os.cpu_count(), "low_memory": a.low_memory, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "fp32": a.fp32, "int8": a.int8, "rows": rows}
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     mode = "low-memory sessions (no ORT arena)" if a.low_memory else "ORT memory arena"
-    lines = [f"# INT8 vs fp32 U-Net speed ({a.size}x{a.size}, CFG batch {2 * a.batch}, {a.iters} iters)", "",
+    rounds = f", {a.rounds} rounds" if a.rounds > 1 else ""
+    lines = [f"# INT8 vs fp32 U-Net speed ({a.size}x{a.size}, CFG batch {2 * a.batch}, {a.iters} iters{rounds})", "",
              f"{result['machine']}, {result['threads']} threads, {mode}. Each variant in its own process, one after "
-             "the other; median of the timed iterations after the warm-up.", "",
-             "| variant | s / CFG step (median) | speedup vs ORT fp32 | peak RSS GiB | load s |",
-             "|---|---:|---:|---:|---:|"]
+             "the other (the ORT variants in turn, once per round); median of the timed iterations after the "
+             "warm-up. Per round: fp32 median / this variant's median in the same round.", "",
+             "| variant | s / CFG step (median) | speedup vs ORT fp32 | per round | peak RSS GiB | load s |",
+             "|---|---:|---:|---|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | error: {r['error']} | | | | |")
             continue
         sp = f"{r['speedup_vs_ort_fp32']:.2f}x" if "speedup_vs_ort_fp32" in r else ""
-        lines.append(f"| {r['variant']} | {r['median_step_s']:.4f} | {sp} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+        per = " ".join(f"{x:.2f}" for x in r.get("speedup_per_round", []))
+        lines.append(f"| {r['variant']} | {r['median_step_s']:.4f} | {sp} | {per} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                      f"{r['load_s']:.1f} |")
     lines += ["", "Timed iterations (s): " + "; ".join(
         f"{r['variant']}: {', '.join(f'{x:.2f}' for x in r['step_s'])}" for r in rows if "step_s" in r), "",

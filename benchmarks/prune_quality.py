@@ -114,7 +114,10 @@ def main() -> None:
         "position accuracy | mean attribute accuracy | domain FID | held-out KD loss |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, f: "–" if v is None else format(v, f)
+
+    def fmt(v, f):  # type: ignore[no-untyped-def]
+        return "–" if v is None else format(v, f)
+
     order = ("shape", "color", "background", "size", "position")
     for name, r in rows.items():
         kd = (f"{r['kd_out_loss_before']:.4f} -> {r['kd_out_loss_after']:.4f}" if r.get("kd_out_loss_after") is not None

@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_pruning")
 
-from conftest import ROOT
+from conftest import ROOT  # noqa: E402
 
-from ldm_deploy.prune import PruneOptions, prune_model
+from ldm_deploy.prune import PruneOptions, prune_model  # noqa: E402
 
 QUIET = {"progress": False, "threads": 1}
 

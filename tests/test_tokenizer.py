@@ -71,7 +71,7 @@ def hf_ids(reference, prompts) -> np.ndarray:
 def _bpe_tables():
     vocab = json.loads((SRC / "vocab.json").read_text(encoding="utf-8"))
     lines = (SRC / "merges.txt").read_text(encoding="utf-8").splitlines()
-    ranks = {tuple(line.split()): i for i, line in enumerate(l for l in lines if l and not l.startswith("#version"))}
+    ranks = {tuple(line.split()): i for i, line in enumerate(x for x in lines if x and not x.startswith("#version"))}
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     byte_chr, extra = {}, 0
     for b in range(256):

@@ -64,6 +64,8 @@ class Recipe:
     symmetric_activations: bool
     op_types: tuple[str, ...]
     extra_options: dict[str, Any] = field(default_factory=dict)
+    #: graph rewrites applied around ORT's quantizer (see :mod:`.rewrites`)
+    rewrites: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +88,7 @@ def recipe(target: str, quant_format: str | None = None, attention_matmuls: bool
             # MatMul -> MatMulIntegerToFloat needs no output Q; keeping MatMul outputs float also keeps
             # Softmax out of Q/DQ (ORT would otherwise fuse it into QLinearSoftmax).
             "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-        })
+        }, rewrites=("split_geglu", "fold_matmul_bias") if fmt == "qdq" else ("split_geglu",))
     if quant_format not in (None, "qdq"):
         raise LdmDeployError("the tensorrt target writes QDQ graphs only")
     attn = True if attention_matmuls is None else attention_matmuls
@@ -180,7 +182,13 @@ def quantize_onnx(
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import QuantizationMode
 
+    from .rewrites import fold_matmul_bias, split_geglu
+
     model = _shape_inferred(Path(model_path))
+    renamed = split_geglu(model) if "split_geglu" in rcp.rewrites else {}
+    if renamed:  # a node list naming a split projection names both halves
+        nodes_to_exclude = [m for n in nodes_to_exclude for m in renamed.get(n, [n])]
+        nodes_to_quantize = [m for n in nodes_to_quantize for m in renamed.get(n, [n])]
     if rcp.extra_options.get("MatMulConstBOnly"):  # ORT's QDQ quantizer ignores this option: do it here
         nodes_to_exclude = list(nodes_to_exclude) + activation_matmuls(model)
     tensors = TensorsData(CalibrationMethod.MinMax, {
@@ -202,6 +210,7 @@ def quantize_onnx(
     finally:
         logging.getLogger().setLevel(level)
     qm = q.model.model
+    folded = fold_matmul_bias(qm) if "fold_matmul_bias" in rcp.rewrites and rcp.quant_format == "qdq" else 0
     # (ByteSize() itself fails past 2 GB: sum the initializers instead)
     size = sum(len(t.raw_data) or 4 * int(np.prod(t.dims)) for t in qm.graph.initializer)
     use_ext = external_data if external_data is not None else size > 1_800_000_000
@@ -217,6 +226,7 @@ def quantize_onnx(
     return {
         "quantize_linear": ops.get("QuantizeLinear", 0),
         "dequantize_linear": ops.get("DequantizeLinear", 0),
-        "qlinear_ops": {k: v for k, v in ops.items() if k.startswith("QLinear") or k.endswith("Integer")},
+        "qlinear_ops": {k: v for k, v in ops.items() if k.startswith("QLinear") or "Integer" in k},
         "external_data": bool(use_ext),
+        "rewrites": {"split_geglu": len(renamed), "fold_matmul_bias": folded},
     }
