@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--channels-ratio", type=float, default=0.3)
     ap.add_argument("--importance", default="taylor")
     ap.add_argument("--blocks-ratio", type=float, default=0.25)
+    ap.add_argument("--blocks-keep", nargs="*", default=[], metavar="PATTERN",
+                    help="modules the blocks method must keep (ldm-prune --keep)")
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -74,7 +76,7 @@ def main() -> None:
               "progress": False, "threads": args.threads}
     runs = {
         "channels": {"method": "channels", "ratio": args.channels_ratio, "importance": args.importance},
-        "blocks": {"method": "blocks", "ratio": args.blocks_ratio},
+        "blocks": {"method": "blocks", "ratio": args.blocks_ratio, "keep": tuple(args.blocks_keep)},
     }
     score("unpruned", args.model, {"macs_reduction": 0.0})
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
@@ -138,14 +140,16 @@ def main() -> None:
         md.append(f"Channels: ratio {args.channels_ratio} requested, {ch['details']['ratio_effective']} effective "
                   f"(whole heads / GroupNorm groups), `{args.importance}` importance.")
     if bl:
-        md.append(f"Blocks: at least {args.blocks_ratio:.0%} of the MACs, ranked by output sensitivity; removed "
+        kept = f" (kept: {', '.join(args.blocks_keep)})" if args.blocks_keep else ""
+        md.append(f"Blocks: at least {args.blocks_ratio:.0%} of the MACs, ranked by output sensitivity{kept}; removed "
                   f"{', '.join(bl['details']['removed'])}.")
     md += [(f"Distillation: {args.distill_steps} steps, batch {args.batch_size}, lr {args.lr}, on {args.data_size} "
            f"teacher-generated latents (shapes-generator prompts, guidance {args.guidance}); KD loss = teacher-output MSE "
            "on a fixed held-out set of noised latents."),
            f"Total {result['total_seconds'] / 60:.0f} min with {args.threads} torch thread(s) on {os.cpu_count()} CPUs.",
            "", "Reproduce: `python benchmarks/prune_quality.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if k not in ("out", "workdir")) + "`"]
+               f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+               for k, v in settings.items() if k not in ("out", "workdir") and v != []) + "`"]
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

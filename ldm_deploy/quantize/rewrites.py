@@ -67,14 +67,13 @@ def prune_dead_nodes(graph: onnx.GraphProto) -> int:
 
 
 def _cone_values(graph: onnx.GraphProto, source: str, width: int, names: list[str],
+                 inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto],
                  cone: set[int] | None = None) -> list[np.ndarray] | None:
     """Evaluate ``names`` when they depend only on the *shape* of ``source`` (last dim ``width``)
     and on constants; None if they depend on anything else or on the leading dims. The ids of the
     nodes computing them are added to ``cone``."""
     from onnx.reference import ReferenceEvaluator
 
-    prod = _producers(graph)
-    inits = {t.name: t for t in graph.initializer}
     consts = {n: _constant(n, inits, prod) for n in names}
     names_left = [n for n in names if consts[n] is None]
     if not names_left:
@@ -113,10 +112,11 @@ def _cone_values(graph: onnx.GraphProto, source: str, width: int, names: list[st
     return [consts[n] if consts[n] is not None else computed[n] for n in names]
 
 
-def _geglu_halves(graph: onnx.GraphProto, y: str, width: int, cons: list[onnx.NodeProto],
-                  inits: dict[str, onnx.TensorProto], prod: dict[str, onnx.NodeProto]) -> list[str] | None:
+def _geglu_halves(graph: onnx.GraphProto, y: str, width: int, inits: dict[str, onnx.TensorProto],
+                  prod: dict[str, onnx.NodeProto], users: dict[str, list[onnx.NodeProto]]) -> list[str] | None:
     """The outputs holding ``y[..., :N]`` and ``y[..., N:]`` if ``cons`` is exactly that split."""
     half = width // 2
+    cons = users.get(y, [])
     shapes = [c for c in cons if c.op_type == "Shape"]  # feed the slice bounds of torch's chunk()
     cons = [c for c in cons if c.op_type != "Shape"]
     if shapes and any(c.op_type != "Slice" for c in cons):
@@ -138,7 +138,7 @@ def _geglu_halves(graph: onnx.GraphProto, y: str, width: int, cons: list[onnx.No
         axes = _constant(s.input[3], inits, prod)
         if axes is None or list(np.ravel(axes)) != [-1]:
             return None
-        vals = _cone_values(graph, y, width, [s.input[1], s.input[2]], cone)
+        vals = _cone_values(graph, y, width, [s.input[1], s.input[2]], inits, prod, cone)
         if vals is None:
             return None
         start, end = (int(np.ravel(v)[0]) for v in vals)
@@ -148,7 +148,6 @@ def _geglu_halves(graph: onnx.GraphProto, y: str, width: int, cons: list[onnx.No
         return None
     # y must die with the rewrite: every Shape of it may only feed these slice bounds
     inside = cone | {id(s) for s in cons}
-    users = _consumers(graph)
     if any(id(sh) not in cone for sh in shapes) or any(
             id(u) not in inside for n in graph.node if id(n) in cone for o in n.output for u in users.get(o, [])):
         return None
@@ -177,7 +176,7 @@ def split_geglu(model: onnx.ModelProto) -> dict[str, list[str]]:
         b = numpy_helper.to_array(inits[bias_name])
         if w.ndim != 2 or b.shape != (w.shape[1],) or w.shape[1] % 2 or len(cons.get(mm.output[0], [])) != 1:
             continue
-        halves = _geglu_halves(g, add.output[0], w.shape[1], cons.get(add.output[0], []), inits, prod)
+        halves = _geglu_halves(g, add.output[0], w.shape[1], inits, prod, cons)
         if halves is None:
             continue
         n = w.shape[1] // 2
