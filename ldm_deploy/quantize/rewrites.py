@@ -78,7 +78,6 @@ def _cone_values(graph: onnx.GraphProto, source: str, width: int, names: list[st
     names_left = [n for n in names if consts[n] is None]
     if not names_left:
         return [consts[n] for n in names]  # type: ignore[misc]
-    nodes: list[onnx.NodeProto] = []
     seen: set[int] = set()
     stack = list(names_left)
     while stack:
@@ -91,7 +90,6 @@ def _cone_values(graph: onnx.GraphProto, source: str, width: int, names: list[st
             return None
         if id(node) not in seen:
             seen.add(id(node))
-            nodes.append(node)
             stack.extend(node.input)
     order = [n for n in graph.node if id(n) in seen]  # graph order is topological
     used = {i for n in order for i in n.input}
@@ -114,20 +112,12 @@ def _cone_values(graph: onnx.GraphProto, source: str, width: int, names: list[st
 
 def _geglu_halves(graph: onnx.GraphProto, y: str, width: int, inits: dict[str, onnx.TensorProto],
                   prod: dict[str, onnx.NodeProto], users: dict[str, list[onnx.NodeProto]]) -> list[str] | None:
-    """The outputs holding ``y[..., :N]`` and ``y[..., N:]`` if ``cons`` is exactly that split."""
+    """The outputs holding ``y[..., :N]`` and ``y[..., N:]`` if the consumers of ``y`` are exactly
+    two ``Slice`` nodes taking those halves (torch's ``chunk(2, -1)``); else None."""
     half = width // 2
     cons = users.get(y, [])
     shapes = [c for c in cons if c.op_type == "Shape"]  # feed the slice bounds of torch's chunk()
     cons = [c for c in cons if c.op_type != "Shape"]
-    if shapes and any(c.op_type != "Slice" for c in cons):
-        return None
-    if len(cons) == 1 and cons[0].op_type == "Split" and len(cons[0].output) == 2:
-        split = cons[0]
-        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
-        sizes = _constant(split.input[1], inits, prod) if len(split.input) > 1 and split.input[1] else None
-        if axis == -1 and (sizes is None or list(sizes) == [half, half]):
-            return list(split.output)
-        return None
     if len(cons) != 2 or any(c.op_type != "Slice" or len(c.input) < 4 for c in cons):
         return None
     ranges = []
