@@ -232,7 +232,7 @@ def run_suite_text(artifact: Path) -> str:
         height = 64
         width = 64
         batch = 1
-        steps = 2
+        steps = 6  # end to end must clearly outweigh one (single-sample) U-Net step
         guidance = 5.0
         warmup = 1
         repeats = 1
