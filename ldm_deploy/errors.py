@@ -17,6 +17,12 @@ class ValidationError(LdmDeployError):
     """An exported or transformed graph disagrees with its reference beyond tolerance."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type name."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def cli_entry(prog: str) -> Callable[[F], F]:
     """Wrap a CLI ``main`` so that user errors print ``prog: error: ...`` and exit 1 (2 for
     Ctrl-C), while genuine bugs keep their traceback."""

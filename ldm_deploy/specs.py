@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Union
 
+from .errors import LdmDeployError
+
 Point = Literal["min", "opt", "max"]
 Dim = Union[int, str]
 
@@ -129,6 +131,19 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
     }
 
 
+def check_image_side(label: str, value: int, size_multiple: int, vae_scale: int = 8) -> None:
+    """An image side in pixels must be a positive multiple of the VAE scale and of the model's
+    ``size_multiple`` (VAE scale x U-Net downsampling); one clear line otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LdmDeployError(f"{label} {value!r} is not a positive multiple of {vae_scale}")
+    if value % vae_scale:
+        raise LdmDeployError(f"{label} {value} is not a multiple of {vae_scale} (the VAE's scale)")
+    if value % size_multiple:
+        raise LdmDeployError(
+            f"{label} {value} is not a multiple of {size_multiple} (required by this model: its U-Net downsamples "
+            f"the {vae_scale}x-smaller latent {size_multiple // vae_scale}x)")
+
+
 @dataclass(frozen=True)
 class ShapeRanges:
     """min/opt/max of every dynamic axis. Built from user-facing batch and image-size ranges;
@@ -168,10 +183,19 @@ class ShapeRanges:
         i = ("min", "opt", "max").index(point)
         return {name: r[i] for name, r in self.axes().items()}
 
-    def check(self, axis: str, value: int) -> None:
-        lo, _, hi = self.axes()[axis]
-        if not lo <= value <= hi:
-            raise ValueError(f"{axis} {value} is outside the artifact's exported range [{lo}, {hi}]")
+    def check_image(self, height: int, width: int) -> None:
+        """Image size (pixels) against the model's multiple and these ranges: one clear line."""
+        for label, v, (lo, _, hi) in (("height", height, self.image_height), ("width", width, self.image_width)):
+            check_image_side(label, v, self.size_multiple, self.vae_scale)
+            if not lo <= v <= hi:
+                raise LdmDeployError(f"{label} {v} is outside the artifact's exported range [{lo}, {hi}]")
+
+    def check_batch(self, n: int) -> None:
+        """Images per call (prompts x images per prompt) against the batch range."""
+        if n < 1:
+            raise LdmDeployError(f"a call needs at least one image, got batch {n}")
+        if n > self.batch[2]:
+            raise LdmDeployError(f"{n} images per call exceed the artifact's max batch {self.batch[2]}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

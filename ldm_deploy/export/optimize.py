@@ -60,7 +60,6 @@ def optimize(src: Path, dst: Path, component: str, target: str, fp16: bool = Fal
             return optimize_cuda(src, dst, component, external, fp16)
         return optimize_portable(src, dst, external)
     except Exception as e:  # the optimisers raise many kinds of errors on graphs they do not expect
-        from ..errors import LdmDeployError
+        from ..errors import LdmDeployError, first_line
 
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise LdmDeployError(f"--optimize {target} failed on {component}: {type(e).__name__}: {first}") from None
+        raise LdmDeployError(f"--optimize {target} failed on {component}: {type(e).__name__}: {first_line(e)}") from None

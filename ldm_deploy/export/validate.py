@@ -8,6 +8,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ValidationError
+from ..numerics import compare
 
 
 @dataclass(frozen=True)
@@ -22,25 +23,6 @@ TOLERANCES = {
     "fp32": Tolerance(max_rel=1e-3, min_cosine=0.99999),
     "fp16": Tolerance(max_rel=2e-2, min_cosine=0.9995),
 }
-
-
-def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float | bool]:
-    """Error statistics of ``actual`` against ``reference`` (computed in float64)."""
-    ref = np.asarray(reference, dtype=np.float64).ravel()
-    act = np.asarray(actual, dtype=np.float64).ravel()
-    if ref.shape != act.shape:
-        raise ValidationError(f"shape mismatch: reference {np.shape(reference)} vs output {np.shape(actual)}")
-    finite = bool(np.isfinite(act).all())
-    diff = np.abs(act - ref)
-    scale = float(np.abs(ref).max()) or 1.0
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(act))
-    return {
-        "max_abs": float(diff.max()) if finite else float("inf"),
-        "mean_abs": float(diff.mean()) if finite else float("inf"),
-        "max_rel": float(diff.max() / scale) if finite else float("inf"),
-        "cosine": float(ref @ act / denom) if finite and denom > 0 else (1.0 if denom == 0 and finite else 0.0),
-        "finite": finite,
-    }
 
 
 def check(stats: dict[str, Any], tol: Tolerance) -> list[str]:
@@ -67,7 +49,10 @@ def validate(
     entry (``passed`` false with reasons when out of tolerance)."""
     tol = TOLERANCES[precision]
     out = run_onnx(inputs)
-    stats = compare(reference, out)
+    try:
+        stats = compare(reference, out)
+    except ValueError as e:
+        raise ValidationError(f"{component}: {e}") from None
     problems = check(stats, tol)
     return {
         "component": component,

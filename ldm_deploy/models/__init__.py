@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LdmDeployError
+from ..errors import LdmDeployError, first_line
 from ..specs import ModelDims
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,9 +142,8 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, gated repo, ...
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LdmDeployError(
-            f"could not fetch '{repo_id}' from the Hugging Face Hub ({reason}); "
+            f"could not fetch '{repo_id}' from the Hugging Face Hub ({first_line(e)}); "
             "pass a local diffusers pipeline directory instead (--model /path/to/pipeline)"
         ) from None
 
@@ -169,8 +168,7 @@ def _load_pipeline_dir(path: Path, source: dict[str, Any], dtype: "torch.dtype",
         vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", torch_dtype=dtype)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LdmDeployError(f"could not load the pipeline in {path}: {first}") from None
+        raise LdmDeployError(f"could not load the pipeline in {path}: {first_line(e, 1000)}") from None
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else _default_scheduler()
     for m in (unet, vae, text_encoder):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdmDeployError
+from ..prompts import read_prompt_file
 
 GENERATOR = "generator"
 
@@ -27,12 +28,9 @@ def read_prompts(source: str, n: int, seed: int = 0) -> list[str]:
         from ..data.shapes import caption, sample_attributes
 
         return [caption(a) for a in sample_attributes(n, seed=seed + 7, split="train")]
-    path = Path(source)
-    if not path.is_file():
+    if not Path(source).is_file():
         raise LdmDeployError(f"--data {source!r} is neither 'generator' nor an existing prompt file")
-    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    if not prompts:
-        raise LdmDeployError(f"prompt file {source} has no prompts")
+    prompts = read_prompt_file(source)
     return [prompts[i % len(prompts)] for i in range(n)]
 
 

@@ -17,6 +17,7 @@ import scipy.linalg
 from scipy import ndimage
 
 from ldm_deploy.data.shapes import Attributes, parse_caption
+from ldm_deploy.numerics import as_image_batches, reduce_per_image, psnr
 
 __all__ = [
     "ATTRIBUTES",
@@ -94,40 +95,6 @@ def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
 # --------------------------------------------------------------------------- PSNR / SSIM
 
 
-def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(a), np.asarray(b)
-    if x.shape != y.shape:
-        raise ValueError(f"image shapes differ: {x.shape} vs {y.shape}")
-    if x.ndim == 2:  # single grayscale image
-        x, y = x[..., None], y[..., None]
-    if x.ndim == 3:
-        x, y = x[None], y[None]
-    if x.ndim != 4:
-        raise ValueError(f"expected HxWxC images or [N, H, W, C] batches, got shape {x.shape}")
-    return x.astype(np.float64), y.astype(np.float64)
-
-
-def _reduce(values: np.ndarray, single: bool, reduction: str) -> Any:
-    if reduction == "none":
-        return float(values[0]) if single else values
-    if reduction == "mean":
-        return float(np.mean(values)) if len(values) else float("nan")
-    raise ValueError("reduction must be 'mean' or 'none'")
-
-
-def psnr(a: Any, b: Any, data_range: float = 255.0, reduction: str = "mean") -> Any:
-    """Peak signal-to-noise ratio in dB, per image (over all pixels and channels).
-
-    For batches the per-image values are averaged (``reduction="mean"``) or
-    returned as an array (``"none"``). Identical images give ``inf``.
-    """
-    x, y = _pair(a, b)
-    mse = ((x - y) ** 2).reshape(len(x), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        values = np.where(mse == 0, np.inf, 10.0 * np.log10(float(data_range) ** 2 / np.maximum(mse, 1e-300)))
-    return _reduce(values, np.asarray(a).ndim <= 3, reduction)
-
-
 def ssim(
     a: Any,
     b: Any,
@@ -146,7 +113,7 @@ def ssim(
     (the conventions of ``skimage.metrics.structural_similarity(...,
     gaussian_weights=True, use_sample_covariance=False)``). Identical images give 1.0.
     """
-    x, y = _pair(a, b)
+    x, y = as_image_batches(a, b)
     if win_size % 2 != 1 or win_size < 3:
         raise ValueError("win_size must be odd and >= 3")
     radius = (win_size - 1) // 2
@@ -165,7 +132,7 @@ def ssim(
     smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     smap = smap[:, radius:-radius, radius:-radius, :]
     values = smap.reshape(len(x), -1, smap.shape[-1]).mean(axis=1).mean(axis=1)  # per channel, then channels
-    return _reduce(values, np.asarray(a).ndim <= 3, reduction)
+    return reduce_per_image(values, np.asarray(a).ndim <= 3, reduction)
 
 
 # --------------------------------------------------------------------------- prompt adherence

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import LdmDeployError
+from ..errors import LdmDeployError, first_line
 
 INSTALL_HINT = (
     "install it with `pip install 'ldm-deploy[tensorrt]'` on a Linux machine with an NVIDIA GPU and "
@@ -37,7 +37,7 @@ def require_tensorrt() -> Any:
     try:
         import tensorrt as trt  # noqa: PLC0415
     except Exception as e:  # ImportError, or OSError from missing CUDA/TensorRT libraries
-        raise TensorRTUnavailable(f"TensorRT is not available ({_first_line(e)}): {INSTALL_HINT}") from None
+        raise TensorRTUnavailable(f"TensorRT is not available ({first_line(e, 1000)}): {INSTALL_HINT}") from None
     if not hasattr(trt, "Builder"):  # the PyPI placeholder package, or something shadowing it
         raise TensorRTUnavailable(f"the installed 'tensorrt' package is not NVIDIA TensorRT: {INSTALL_HINT}")
     return trt
@@ -52,7 +52,7 @@ def require_cudart() -> Any:
         try:
             from cuda import cudart  # type: ignore[no-redef]  # noqa: PLC0415
         except Exception as e:
-            raise TensorRTUnavailable(f"cuda-python is not available ({_first_line(e)}): {INSTALL_HINT}") from None
+            raise TensorRTUnavailable(f"cuda-python is not available ({first_line(e, 1000)}): {INSTALL_HINT}") from None
     return cudart
 
 
@@ -62,11 +62,6 @@ def tensorrt_available() -> bool:
     except TensorRTUnavailable:
         return False
     return True
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 __all__ = ["INSTALL_HINT", "TensorRTUnavailable", "require_tensorrt", "require_cudart", "tensorrt_available"]
