@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, run_cli
 from ldm_deploy.errors import LdmDeployError
-from ldm_deploy.runtime import Pipeline
+from ldm_deploy.runtime import Pipeline, PipelineObserver
 
 PROMPTS = ["a small red circle on a blue background, top left", "a large green square"]
 
@@ -63,20 +63,44 @@ def test_matches_diffusers_pipeline(pipe, tiny_random_torch, guidance):
     assert psnr(other, ref) < 40.0
 
 
-def test_guidance_at_most_one_skips_the_unconditional_half(pipe, monkeypatch):
-    seen: list[int] = []
-    unet = pipe.components["unet"]
-    original = type(unet).__call__
+class _Log(PipelineObserver):
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.steps: list = []
 
-    def spy(self, **inputs):
-        if self is unet:
-            seen.append(inputs["sample"].shape[0])
-        return original(self, **inputs)
+    def on_component(self, name, inputs):
+        self.calls.append((name, {k: v.shape for k, v in inputs.items()}))
 
-    monkeypatch.setattr(type(unet), "__call__", spy)
-    pipe("a", num_inference_steps=2, guidance_scale=1.0, seed=0)
-    pipe("a", num_inference_steps=2, guidance_scale=3.0, seed=0)
+    def on_step_end(self, info):
+        self.steps.append(info)
+
+
+def test_guidance_at_most_one_skips_the_unconditional_half(pipe):
+    seen = []
+    for g in (1.0, 3.0):
+        log = _Log()
+        pipe("a", num_inference_steps=2, guidance_scale=g, seed=0, observer=log)
+        seen += [shapes["sample"][0] for name, shapes in log.calls if name == "unet"]
+        # without guidance the empty negative prompt is not even encoded
+        assert [n for n, _ in log.calls].count("text_encoder") == (1 if g == 1.0 else 2)
     assert seen == [1, 1, 2, 2]
+
+
+def test_observer_sees_every_phase_and_step(pipe):
+    log = _Log()
+    out = pipe("a red circle", num_inference_steps=3, seed=2, output_type="np", observer=log)
+    assert [n for n, _ in log.calls] == ["text_encoder", "text_encoder", "unet", "unet", "unet", "vae_decoder"]
+    assert [s.index for s in log.steps] == [0, 1, 2] and all(s.total == 3 for s in log.steps)
+    assert log.steps[0].timestep > log.steps[-1].timestep
+    assert set(log.steps[0].unet_inputs) == {"sample", "timestep", "encoder_hidden_states"}
+    # the observed final latents are what was decoded: decoding them again gives the same image
+    again = np.clip(pipe.decode(log.steps[-1].latents) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    assert np.array_equal(again, out.images)
+    # observing changes nothing
+    plain = pipe("a red circle", num_inference_steps=3, seed=2, output_type="np").images
+    assert np.array_equal(plain, out.images)
+    assert set(out.timings) == {"text_encoder", "unet", "scheduler_and_guidance", "vae_decoder"}
+    assert all(isinstance(v, float) for v in out.timings.values())
 
 
 def test_seed_reproducible_and_num_images(pipe):
@@ -92,8 +116,41 @@ def test_img2img_runs_the_strength_tail(pipe):
     calls = []
     out = pipe("x", image=init, strength=0.5, num_inference_steps=10, seed=0, output_type="np",
                progress=lambda i, n: calls.append(n))
-    assert out.timings["steps"] == 5 and calls[-1] == 5
+    assert out.steps == 5 and calls[-1] == 5
     assert out.images.shape == (1, 64, 64, 3)
+
+
+def test_img2img_matches_diffusers_img2img(pipe, tiny_random_torch, monkeypatch):
+    """Same init image, same posterior sample and same noise: diffusers' img2img pipeline and ours
+    give the same pixels. Our pipeline draws the posterior noise, then the forward noise, from
+    ``default_rng(seed)``; diffusers gets those two draws through its two random hooks."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_mod
+    from PIL import Image
+
+    init = np.zeros((64, 64, 3), np.uint8)
+    init[:32, :, 0] = 255
+    init[32:, 20:50, 2] = 200
+    seed, shape = 11, (1, 4, 8, 8)
+    rng = np.random.default_rng(seed)
+    posterior_eps, noise = rng.standard_normal(shape), rng.standard_normal(shape)
+    to_torch = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+    monkeypatch.setattr(img2img_mod, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample":
+                        out.latent_dist.mean + out.latent_dist.std * to_torch(posterior_eps))
+    monkeypatch.setattr(img2img_mod, "randn_tensor", lambda shape, **kw: to_torch(noise))
+
+    sd = StableDiffusionImg2ImgPipeline(**tiny_random_torch.diffusers_pipeline().components)
+    sd.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=10, strength=0.6, guidance_scale=5.0, negative_prompt="blurry")
+    with torch.no_grad():
+        ref = sd(PROMPTS[0], image=Image.fromarray(init), output_type="np", **kwargs).images
+    ours = pipe(PROMPTS[0], image=init, seed=seed, output_type="np", **kwargs).images
+    assert ours.shape == ref.shape == (1, 64, 64, 3)
+    assert psnr(ours, ref) >= 40.0, psnr(ours, ref)
+    # the init image matters: another one gives other pixels (the comparison can fail)
+    other = pipe(PROMPTS[0], image=255 - init, seed=seed, output_type="np", **kwargs).images
+    assert psnr(other, ref) < 40.0
 
 
 def test_threads_give_the_serial_images(pipe):
@@ -187,8 +244,72 @@ def test_missing_corrupt_and_tampered_artifacts(tiny_random_fp32, tmp_path):
 
 
 def test_missing_provider_is_a_clear_error(tiny_random_fp32):
-    with pytest.raises(LdmDeployError, match="'cuda' is not available"):
-        Pipeline.load(tiny_random_fp32, provider="cuda")
+    from ldm_deploy.runtime.backends import BACKENDS
+
+    absent = [name for name in ("ort-cuda", "ort-trt") if BACKENDS[name].unavailable()]
+    if not absent:
+        pytest.skip("every ONNX Runtime GPU execution provider is available in this onnxruntime build")
+    with pytest.raises(LdmDeployError, match="is not available in this onnxruntime build"):
+        Pipeline.load(tiny_random_fp32, backend=absent[0])
+
+
+def test_backend_registry_dispatches_load_and_cli(tiny_random_fp32, monkeypatch):
+    """Pipeline.load goes through BACKENDS: a backend registered there is what runs, with the
+    load options passed on; ldm-generate offers exactly the registered names."""
+    from ldm_deploy.runtime import backends
+    from ldm_deploy.runtime.cli import build_parser
+
+    seen: dict = {}
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.spec, self.device, self.calls = inner, inner.spec, inner.device, 0
+
+        def __call__(self, **inputs):
+            self.calls += 1
+            return self.inner(**inputs)
+
+        def device_binding(self, **constants):
+            self.calls += 1
+            return self.inner.device_binding(**constants)
+
+    def load(art, names, opts):
+        seen["names"], seen["opts"] = list(names), opts
+        return {n: Counting(c) for n, c in backends.BACKENDS["ort-cpu"].load(art, names, opts).items()}
+
+    fake = backends.Backend("counting", "ort-cpu behind a call counter", load, lambda: None)
+    monkeypatch.setitem(backends.BACKENDS, "counting", fake)
+    pipe = Pipeline.load(tiny_random_fp32, backend="counting", threads=1)
+    assert seen["opts"].threads == 1 and "unet" in seen["names"]
+    from ldm_deploy.runtime.components import Component
+
+    assert all(isinstance(c, Component) for c in pipe.components.values())
+    ours = pipe("a red circle", num_inference_steps=2, seed=3, output_type="np").images
+    assert pipe.components["unet"].calls == 1 and pipe.components["text_encoder"].calls == 2
+    assert pipe.components["vae_decoder"].calls == 1
+    ref = Pipeline.load(tiny_random_fp32)("a red circle", num_inference_steps=2, seed=3, output_type="np").images
+    assert np.array_equal(ours, ref)
+
+    backend_arg = next(a for a in build_parser()._actions if "--backend" in a.option_strings)
+    assert list(backend_arg.choices) == list(backends.BACKENDS)
+    monkeypatch.delitem(backends.BACKENDS, "counting")
+    assert set(backends.BACKENDS) >= {"ort-cpu", "ort-cuda", "ort-trt", "tensorrt"}
+    with pytest.raises(LdmDeployError, match="unknown backend 'counting'"):
+        Pipeline.load(tiny_random_fp32, backend="counting")
+
+
+def test_generate_cli_reaches_the_native_tensorrt_backend(tiny_random_fp32, tmp_path):
+    """``--backend tensorrt`` is the native TensorRT loader (not an ORT provider): without
+    TensorRT it fails in one line naming what to install."""
+    from ldm_deploy.runtime.backends import BACKENDS
+
+    if BACKENDS["tensorrt"].unavailable() is None:
+        pytest.skip("TensorRT is installed: tests/test_tensorrt.py runs the backend itself")
+    out = tmp_path / "x.png"
+    proc = run_cli("ldm-generate", str(tiny_random_fp32), "x", "-o", str(out), "--backend", "tensorrt", "-q")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ldm-generate: error: TensorRT is not available") and not out.exists()
 
 
 def test_generate_cli(tiny_random_fp32, tmp_path):

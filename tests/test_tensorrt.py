@@ -298,7 +298,7 @@ def test_pipeline_tensorrt_backend_without_tensorrt(tiny_random_fp32):
     with pytest.raises(LdmDeployError, match=r"pip install 'ldm-deploy\[tensorrt\]'"):
         Pipeline.load(tiny_random_fp32, backend="tensorrt")
     with pytest.raises(LdmDeployError, match="unknown backend"):
-        Pipeline.load(tiny_random_fp32, backend="openvino")
+        Pipeline.load(tiny_random_fp32, backend="no-such-backend")
 
 
 # --- with TensorRT and a GPU ---------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Imports only numpy, onnxruntime, tokenizers and Pillow::
     pipe("a small red circle on a blue background, top left", seed=0).images[0].save("out.png")
 """
 
-from .pipeline import GenerationOutput, Pipeline
+from .backends import BACKENDS
+from .components import Component
+from .pipeline import GenerationOutput, Pipeline, PipelineObserver, StepInfo
 from .scheduler import DDIMScheduler
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Pipeline", "GenerationOutput", "DDIMScheduler", "ClipTokenizer"]
+__all__ = ["Pipeline", "GenerationOutput", "PipelineObserver", "StepInfo", "Component", "BACKENDS",
+           "DDIMScheduler", "ClipTokenizer"]

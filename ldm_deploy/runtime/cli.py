@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..errors import LdmDeployError, cli_entry
+from .backends import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ldm-generate",
-        description="Generate images from an ldm-deploy artifact (DDIM + classifier-free guidance, "
-        "ONNX Runtime, no PyTorch).",
+        description="Generate images from an ldm-deploy artifact (DDIM + classifier-free guidance "
+        "on ONNX Runtime or TensorRT, no PyTorch).",
         epilog='example: ldm-generate tiny-onnx/ "a small red circle on a blue background, top left" -o out.png',
     )
     p.add_argument("artifact", type=Path, help="artifact directory written by ldm-export / ldm-quantize")
@@ -29,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--image", type=Path, help="init image for img2img")
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
-    p.add_argument("--provider", default="cpu", help="execution provider: cpu, cuda, tensorrt (default cpu)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
+    p.add_argument("--backend", default="ort-cpu", choices=list(BACKENDS), metavar="NAME",
+                   help="where the graphs run: " + "; ".join(f"{b.name}: {b.description}" for b in BACKENDS.values())
+                   + " (default ort-cpu)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime without its memory arena: lower peak RSS across image sizes, slower steps")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
     components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ())
-    pipe = Pipeline.load(args.artifact, provider=args.provider, threads=args.threads, verify=not args.no_verify,
+    pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
                          components=components, low_memory=args.low_memory)
     out = pipe(
         args.prompt,
@@ -79,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         im.save(tmp, format="PNG")
         tmp.replace(path)
     t = out.timings
-    print(f"wrote {', '.join(map(str, paths))} ({t['steps']} steps, U-Net {t['unet']:.2f} s, "
-          f"total {sum(v for k, v in t.items() if k != 'steps'):.2f} s)")
+    print(f"wrote {', '.join(map(str, paths))} ({out.steps} steps, U-Net {t['unet']:.2f} s, "
+          f"total {sum(t.values()):.2f} s)")
     return 0
 
 

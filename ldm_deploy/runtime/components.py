@@ -1,68 +1,90 @@
-"""One exported component behind an ONNX Runtime session, bound by its spec."""
+"""What the pipeline calls: a :class:`Component` (one exported graph, bound by its spec), whatever
+the backend. ``OnnxComponent`` is ONNX Runtime's; the native TensorRT backend has
+:class:`~ldm_deploy.tensorrt.engine.TrtComponent`; :mod:`.backends` maps names to loaders."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import LdmDeployError
 from ..specs import ComponentSpec
+from .sessions import GPU_PROVIDERS, cast_feeds, input_types, make_session
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-              "tensor(int64)": np.int64}
+
+class Binding(Protocol):
+    """A component with some inputs fixed for a series of calls (the sampling loop's text
+    context): ``run`` takes the remaining inputs and returns the first output as float32."""
+
+    def run(self, **inputs: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Component(Protocol):
+    """One graph behind a backend. ``__call__`` takes the spec's inputs by name (any numeric
+    dtype: the component casts) and returns the first output as float32 numpy. ``device`` is
+    "cpu" or "cuda". ``device_binding`` fixes inputs that stay constant over a loop (uploaded
+    once on a device backend); one binding per call/thread."""
+
+    spec: ComponentSpec
+    device: str
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray: ...
+
+    def device_binding(self, **constants: np.ndarray) -> Binding: ...
 
 
 class OnnxComponent:
-    """Runs one graph: casts inputs to the graph's dtypes, returns float32 numpy outputs.
+    """One graph in an ONNX Runtime session: inputs cast to the graph's dtypes, float32 outputs.
 
-    On the CUDA execution provider, inputs that stay constant over the sampling loop can be bound
-    once on the device (``bind_constant``) and outputs are written to device buffers through I/O
-    binding; each step then moves only the small latent tensor.
+    On the CUDA / TensorRT execution providers, ``device_binding`` uploads the constant inputs
+    once and writes outputs to device buffers through I/O binding; each step then moves only the
+    small latent tensor.
     """
 
-    def __init__(self, spec: ComponentSpec, session: Any, device: str = "cpu"):
+    def __init__(self, spec: ComponentSpec, session: Any):
         self.spec = spec
         self.session = session
-        self.device = device
-        self.input_types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
+        self.device = "cuda" if session.get_providers()[0] in GPU_PROVIDERS else "cpu"
+        self.input_types = input_types(session)
         missing = set(spec.input_names) - set(self.input_types)
         if missing:
-            from ..errors import LdmDeployError
-
             raise LdmDeployError(f"{spec.name} graph lacks inputs {sorted(missing)} declared by its spec")
 
     @classmethod
-    def load(cls, spec: ComponentSpec, path: Path, provider: str = "cpu", provider_options: dict | None = None,
-             threads: int = 0, low_memory: bool = False) -> "OnnxComponent":
-        from .sessions import make_session
+    def load(cls, spec: ComponentSpec, path: Path, provider: str = "cpu", threads: int = 0,
+             low_memory: bool = False) -> "OnnxComponent":
+        return cls(spec, make_session(path, provider, threads, low_memory))
 
-        session = make_session(path, provider, provider_options, threads, low_memory)
-        device = "cuda" if session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        return cls(spec, session, device)
-
-    def _cast(self, name: str, value: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(value, dtype=self.input_types[name])
+    def cast(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return cast_feeds(self.input_types, inputs)
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
-        feeds = {k: self._cast(k, v) for k, v in inputs.items()}
+        return self.device_binding().run(**inputs)
+
+    def device_binding(self, **constants: np.ndarray) -> Binding:
         if self.device == "cpu":
-            out = self.session.run([self.spec.output_names[0]], feeds)[0]
-        else:
-            out = self._run_bound(feeds, {})
-        return out.astype(np.float32, copy=False)
+            return HostBinding(self, self.cast(constants))
+        return DeviceBinding(self, self.cast(constants))
 
-    # --- device path (CUDA / TensorRT execution providers) ---------------------------------
-    def device_binding(self, **constants: np.ndarray) -> "DeviceBinding":
-        """An I/O binding with ``constants`` uploaded once to the device (one per call/thread)."""
-        return DeviceBinding(self, {k: self._cast(k, v) for k, v in constants.items()})
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], constants: dict[str, Any]) -> np.ndarray:
-        return self.device_binding().run(**feeds)
+class HostBinding:
+    """CPU: the constants are cast once and added to every call's feeds."""
+
+    def __init__(self, component: OnnxComponent, constants: dict[str, np.ndarray]):
+        self.component = component
+        self.constants = constants
+
+    def run(self, **inputs: np.ndarray) -> np.ndarray:
+        c = self.component
+        feeds = {**self.constants, **c.cast(inputs)}
+        return c.session.run([c.spec.output_names[0]], feeds)[0].astype(np.float32, copy=False)
 
 
 class DeviceBinding:
-    """Per-call I/O binding for device execution providers."""
+    """CUDA / TensorRT execution providers: an I/O binding with the constants on the device."""
 
     def __init__(self, component: OnnxComponent, constants: dict[str, np.ndarray]):
         import onnxruntime as ort
@@ -75,8 +97,8 @@ class DeviceBinding:
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
         c = self.component
-        for name, value in inputs.items():
-            self.binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(c._cast(name, value), "cuda", 0))
+        for name, value in c.cast(inputs).items():
+            self.binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
         self.binding.bind_output(c.spec.output_names[0], "cuda", 0)
         c.session.run_with_iobinding(self.binding)
         return self.binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)

@@ -1,7 +1,8 @@
 """Text-to-image and image-to-image with DDIM + classifier-free guidance over exported graphs.
 
 Torch-free: numpy, ONNX Runtime, tokenizers and Pillow. One ``Pipeline`` may be shared by
-threads: every call keeps its own scheduler, random generator and buffers.
+threads: every call keeps its own scheduler, random generator, buffers and observer; nothing in
+a call modifies the pipeline.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..artifact import Artifact
 from ..errors import LdmDeployError
 from ..specs import ShapeRanges
-from .components import OnnxComponent
+from .backends import LoadOptions, get_backend
+from .components import Component
 from .image import to_model_image, to_pil
 from .memory import limit_heap_retention, release_free_heap
 from .scheduler import DDIMScheduler
@@ -25,16 +27,50 @@ from .tokenizer import ClipTokenizer
 
 @dataclass
 class GenerationOutput:
-    """``images``: PIL images, or float32 [N, H, W, 3] in [0, 1] for ``output_type="np"``."""
+    """``images``: PIL images, or float32 [N, H, W, 3] in [0, 1] for ``output_type="np"``.
+    ``timings``: seconds per phase; ``steps``: denoising steps run."""
 
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one denoising step saw and produced (read-only: observers must not modify it)."""
+
+    index: int  # 0-based step number
+    total: int  # steps in this call
+    timestep: float
+    unet_inputs: Mapping[str, np.ndarray]  # exactly what the U-Net was given
+    noise_pred: np.ndarray  # after classifier-free guidance
+    latents: np.ndarray  # after the scheduler step
+
+
+class PipelineObserver:
+    """Hooks into one ``Pipeline`` call (diffusers' ``callback_on_step_end`` idea). Subclass and
+    override what you need; the defaults do nothing. Observers belong to one call, so a shared
+    ``Pipeline`` stays safe for concurrent calls."""
+
+    def on_component(self, name: str, inputs: Mapping[str, np.ndarray]) -> None:
+        """Called before every component call with its inputs (the U-Net: every step)."""
+
+    def on_step_end(self, info: StepInfo) -> None:
+        """Called after every denoising step."""
+
+
+_NO_OBSERVER = PipelineObserver()
 
 
 class Pipeline:
-    """The SD sampling loop over one artifact's ONNX graphs."""
+    """The SD sampling loop over one artifact's graphs, on any backend of :mod:`.backends`.
 
-    def __init__(self, artifact: Artifact, components: dict[str, OnnxComponent], tokenizer: ClipTokenizer):
+    A call runs four phases, each a method usable on its own: :meth:`encode` (prompts -> text
+    context), :meth:`prepare_latents` (noise or an encoded init image), :meth:`denoise` (the
+    scheduler loop with classifier-free guidance) and :meth:`decode` (latents -> pixels).
+    """
+
+    def __init__(self, artifact: Artifact, components: dict[str, Component], tokenizer: ClipTokenizer):
         self.artifact = artifact
         self.components = components
         self.tokenizer = tokenizer
@@ -45,48 +81,36 @@ class Pipeline:
         self.vae_scale = int(dims["vae_scale"])
         self.latent_channels = int(dims["latent_channels"])
         self.scaling_factor = float(dims["vae_scaling_factor"])
-        self.size_multiple = int(self.ranges.size_multiple)
         self.default_size = (self.ranges.image_height[1], self.ranges.image_width[1])
 
     @classmethod
     def load(
         cls,
         path: str | Path,
-        provider: str = "cpu",
-        provider_options: dict[str, Any] | None = None,
+        backend: str = "ort-cpu",
         threads: int = 0,
         verify: bool = True,
         components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
-        backend: str = "onnxruntime",
         low_memory: bool = False,
     ) -> "Pipeline":
-        """Open an artifact and create one session per component.
+        """Open an artifact and load its components on ``backend`` (see :data:`.backends.BACKENDS`:
+        ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``tensorrt``).
 
         ``verify`` checks every file of the loaded components against the manifest's sha256.
         ``vae_encoder`` is loaded only if the artifact has it (img2img needs it).
-        ``backend``: "onnxruntime" (sessions on ``provider``) or "tensorrt" (the engines built into
-        the artifact by ``ldm-build`` for this GPU; ``provider``/``threads`` are ignored).
+        ``threads``: ONNX Runtime intra-op threads (0: all cores).
         ``low_memory``: ONNX Runtime sessions without the CPU memory arena, and freed activation
         memory returned to the OS promptly (:mod:`ldm_deploy.runtime.memory`, a process-wide glibc
         setting): a lower resident peak when one process serves many image sizes, at the cost of
         slower steps (see :func:`~ldm_deploy.runtime.sessions.session_options`)."""
+        chosen = get_backend(backend)
         if low_memory:
             limit_heap_retention()
         art = Artifact.open(path)
         wanted = [c for c in components if c in art.components or c != "vae_encoder"]
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
-        if backend == "tensorrt":
-            from ..tensorrt.engine import load_components
-
-            loaded = load_components(art, wanted)
-        elif backend == "onnxruntime":
-            loaded = {
-                c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, provider_options, threads, low_memory)
-                for c in wanted
-            }
-        else:
-            raise LdmDeployError(f"unknown backend {backend!r}: choose onnxruntime or tensorrt")
+        loaded = chosen.load(art, wanted, LoadOptions(threads=threads, low_memory=low_memory))
         return cls(art, loaded, ClipTokenizer.from_dir(art.path / "tokenizer"))
 
     # --- the call ---------------------------------------------------------------------------
@@ -106,7 +130,10 @@ class Pipeline:
         strength: float = 0.8,
         output_type: str = "pil",
         progress: bool | Callable[[int, int], None] = False,
+        observer: PipelineObserver | None = None,
     ) -> GenerationOutput:
+        """Text-to-image, or image-to-image when ``image`` is given. ``observer`` sees every
+        component's inputs and every step (:class:`PipelineObserver`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if image is not None:
             image_h, image_w = image_size(image)
@@ -114,53 +141,86 @@ class Pipeline:
         height, width = height or self.default_size[0], width or self.default_size[1]
         self._check_args(prompts, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
                          strength, image, output_type, eta)
+        obs = observer or _NO_OBSERVER
         rng = np.random.default_rng(seed)
         cfg = guidance_scale > 1.0
-        batch = len(prompts) * num_images_per_prompt
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        cond = self.encode_prompt(prompts, num_images_per_prompt)
-        if cfg:
-            negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
-            uncond = self.encode_prompt(negatives, num_images_per_prompt)
-            context = np.concatenate([uncond, cond])
-        else:
-            context = cond
+        context = self.encode(prompts, negative_prompt, num_images_per_prompt, cfg, obs)
         timings["text_encoder"] = time.perf_counter() - t0
 
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
-        latent_shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        t0 = time.perf_counter()
+        latents, timesteps = self.prepare_latents(
+            scheduler, len(prompts) * num_images_per_prompt, height, width, num_inference_steps, rng, latents,
+            image, strength, obs)
         if image is not None:
-            t0 = time.perf_counter()
-            timesteps = scheduler.img2img_timesteps(num_inference_steps, strength)
-            init = self.encode_image(image, height, width, rng, batch)
-            noise = rng.standard_normal(latent_shape).astype(np.float32)
-            latents = scheduler.add_noise(init, noise, timesteps[:1]).astype(np.float32)
             timings["vae_encoder"] = time.perf_counter() - t0
-        else:
-            scheduler.set_timesteps(num_inference_steps)
-            timesteps = scheduler.timesteps
-            if latents is None:
-                latents = rng.standard_normal(latent_shape).astype(np.float32)
-            else:
-                latents = np.asarray(latents, dtype=np.float32)
-                if latents.shape != latent_shape:
-                    raise LdmDeployError(f"latents have shape {latents.shape}, expected {latent_shape}")
-            latents = latents * np.float32(scheduler.init_noise_sigma)
 
-        unet = self.components["unet"]
-        step_unet = step_other = 0.0
+        latents, timings["unet"], timings["scheduler_and_guidance"] = self.denoise(
+            latents, context, scheduler, timesteps, guidance_scale, eta, rng, obs, progress)
+
+        t0 = time.perf_counter()
+        release_free_heap()
+        decoded = self.decode(latents, obs)
+        timings["vae_decoder"] = time.perf_counter() - t0
+        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return GenerationOutput(to_pil(images) if output_type == "pil" else images, timings, len(timesteps))
+
+    # --- the phases, usable on their own ------------------------------------------------------
+    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1,
+                      observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
+        """Text embeddings [len(prompts) x num_images_per_prompt, 77, D]."""
+        ids = self.tokenizer(prompts)
+        emb = self._run("text_encoder", observer, input_ids=ids)
+        return np.repeat(emb, num_images_per_prompt, axis=0)
+
+    def encode(self, prompts: list[str], negative_prompt: str | list[str] | None, num_images_per_prompt: int,
+               cfg: bool, observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
+        """The U-Net's text context: [unconditional; conditional] with guidance, conditional without."""
+        cond = self.encode_prompt(prompts, num_images_per_prompt, observer)
+        if not cfg:
+            return cond
+        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
+        return np.concatenate([self.encode_prompt(negatives, num_images_per_prompt, observer), cond])
+
+    def prepare_latents(self, scheduler: Any, batch: int, height: int, width: int, steps: int,
+                        rng: np.random.Generator, latents: np.ndarray | None = None, image: Any = None,
+                        strength: float = 0.8, observer: PipelineObserver = _NO_OBSERVER,
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Initial latents and the timesteps to run: scaled noise (or the given ``latents``), or
+        for img2img the encoded ``image`` noised to the first of the strength-shortened schedule."""
+        shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if image is not None:
+            timesteps = scheduler.img2img_timesteps(steps, strength)
+            init = self.encode_image(image, height, width, rng, batch, observer)
+            noise = rng.standard_normal(shape).astype(np.float32)
+            return scheduler.add_noise(init, noise, timesteps[:1]).astype(np.float32), timesteps
+        scheduler.set_timesteps(steps)
+        if latents is None:
+            latents = rng.standard_normal(shape).astype(np.float32)
+        else:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise LdmDeployError(f"latents have shape {latents.shape}, expected {shape}")
+        return latents * np.float32(scheduler.init_noise_sigma), scheduler.timesteps
+
+    def denoise(self, latents: np.ndarray, context: np.ndarray, scheduler: Any, timesteps: np.ndarray,
+                guidance_scale: float, eta: float = 0.0, rng: np.random.Generator | None = None,
+                observer: PipelineObserver = _NO_OBSERVER, progress: bool | Callable[[int, int], None] = False,
+                ) -> tuple[np.ndarray, float, float]:
+        """The sampling loop: (final latents, seconds in the U-Net, seconds in guidance + scheduler)."""
+        cfg = guidance_scale > 1.0
+        unet = self.components["unet"].device_binding(encoder_hidden_states=context)
+        unet_s = other_s = 0.0
         bar = _progress_bar(progress, len(timesteps))
-        bound = unet.device_binding(encoder_hidden_states=context) if unet.device != "cpu" else None
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
-            model_in = np.concatenate([latents, latents]) if cfg else latents
-            ts = np.array([t], dtype=np.float32)
-            if bound is not None:
-                noise_pred = bound.run(sample=model_in, timestep=ts)
-            else:
-                noise_pred = unet(sample=model_in, timestep=ts, encoder_hidden_states=context)
+            inputs = {"sample": np.concatenate([latents, latents]) if cfg else latents,
+                      "timestep": np.array([t], dtype=np.float32)}
+            observer.on_component("unet", {**inputs, "encoder_hidden_states": context})
+            noise_pred = unet.run(**inputs)
             t1 = time.perf_counter()
             if not np.isfinite(noise_pred).all():
                 raise LdmDeployError(f"the U-Net produced NaN/Inf at step {i + 1} (timestep {int(t)})")
@@ -169,37 +229,27 @@ class Pipeline:
                 noise_pred = uncond_pred + np.float32(guidance_scale) * (cond_pred - uncond_pred)
             latents = scheduler.step(noise_pred, int(t), latents, eta=eta, generator=rng if eta > 0 else None)
             t2 = time.perf_counter()
-            step_unet += t1 - t0
-            step_other += t2 - t1
+            unet_s += t1 - t0
+            other_s += t2 - t1
+            observer.on_step_end(StepInfo(i, len(timesteps), float(t), {**inputs, "encoder_hidden_states": context},
+                                          noise_pred, latents))
             bar(i + 1)
-        timings["unet"] = step_unet
-        timings["scheduler_and_guidance"] = step_other
-        timings["steps"] = len(timesteps)
+        return latents, unet_s, other_s
 
-        t0 = time.perf_counter()
-        release_free_heap()
-        decoded = self.decode(latents)
-        timings["vae_decoder"] = time.perf_counter() - t0
-        images = np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return GenerationOutput(to_pil(images) if output_type == "pil" else images, timings)
-
-    # --- pieces, usable on their own ----------------------------------------------------------
-    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1) -> np.ndarray:
-        ids = self.tokenizer(prompts)
-        emb = self.components["text_encoder"](input_ids=ids)
-        return np.repeat(emb, num_images_per_prompt, axis=0)
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        image = self.components["vae_decoder"](latent=latents / np.float32(self.scaling_factor))
+    def decode(self, latents: np.ndarray, observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
+        """Latents -> images [N, 3, H, W] in [-1, 1]."""
+        image = self._run("vae_decoder", observer, latent=latents / np.float32(self.scaling_factor))
         if not np.isfinite(image).all():
             raise LdmDeployError("the VAE decoder produced NaN/Inf")
         return image
 
-    def encode_image(self, image: Any, height: int, width: int, rng: np.random.Generator, batch: int) -> np.ndarray:
+    def encode_image(self, image: Any, height: int, width: int, rng: np.random.Generator, batch: int,
+                     observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
+        """An init image -> scaled latents sampled from the VAE's posterior, repeated to ``batch``."""
         if "vae_encoder" not in self.components:
             raise LdmDeployError("this artifact has no vae_encoder: img2img is not available")
         pixels = to_model_image(image, height, width)
-        params = self.components["vae_encoder"](image=pixels)
+        params = self._run("vae_encoder", observer, image=pixels)
         mean, logvar = np.split(params, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         sample = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
@@ -207,6 +257,10 @@ class Pipeline:
         if sample.shape[0] != batch:
             sample = np.repeat(sample, batch // sample.shape[0], axis=0)
         return sample.astype(np.float32)
+
+    def _run(self, name: str, observer: PipelineObserver, **inputs: np.ndarray) -> np.ndarray:
+        observer.on_component(name, inputs)
+        return self.components[name](**inputs)
 
     def _check_args(self, prompts, steps, guidance, height, width, num_images, strength, image, output_type, eta):  # type: ignore[no-untyped-def]
         if not prompts:
@@ -223,18 +277,8 @@ class Pipeline:
             raise LdmDeployError(f"strength must be in (0, 1], got {strength}")
         if output_type not in ("pil", "np"):
             raise LdmDeployError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        for label, v, axis in (("height", height, "image_height"), ("width", width, "image_width")):
-            if v % 8:
-                raise LdmDeployError(f"{label} {v} is not a multiple of 8")
-            if v % self.size_multiple:
-                raise LdmDeployError(f"{label} {v} is not a multiple of {self.size_multiple} (required by this model)")
-            lo, _, hi = self.ranges.axes()[axis]
-            if not lo <= v <= hi:
-                raise LdmDeployError(f"{label} {v} is outside the artifact's exported range [{lo}, {hi}]")
-        batch = len(prompts) * num_images
-        lo, _, hi = self.ranges.batch
-        if batch > hi:
-            raise LdmDeployError(f"{batch} images per call exceed the artifact's max batch {hi}")
+        self.ranges.check_image(height, width)
+        self.ranges.check_batch(len(prompts) * num_images)
 
 
 def image_size(image: Any) -> tuple[int, int]:

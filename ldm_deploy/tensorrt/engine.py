@@ -147,7 +147,7 @@ def _create_context(trt: Any, engine: Any, scratch: DeviceBuffer) -> Any:
 
 
 class TrtComponent:
-    """One engine behind the ``OnnxComponent`` call interface."""
+    """One engine as a :class:`~ldm_deploy.runtime.components.Component`."""
 
     device = "cuda"
 
@@ -185,7 +185,7 @@ class TrtComponent:
         self._graphs: dict[Any, Any] = {}
         self._signature: Any = None
 
-    # --- the OnnxComponent interface -------------------------------------------------------
+    # --- the Component interface ------------------------------------------------------------
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         with self.rt.lock:
             return self._run(inputs, {})
