@@ -48,7 +48,7 @@ def worker_ort(artifact: str, batch: int, size: int, iters: int, warmup: int, th
 
     art = Artifact.open(artifact)
     t0 = time.perf_counter()
-    sess = make_session(art.model_file("unet"), "cpu", None, threads, low_memory)
+    sess = make_session(art.model_file("unet"), "cpu", threads, low_memory)
     load_s = time.perf_counter() - t0
     feeds = _inputs(batch, size, int(art.manifest["model_dims"]["text_hidden"]))
     times = session_step_times(sess, feeds, iters, warmup)

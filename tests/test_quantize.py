@@ -205,14 +205,58 @@ def test_cpu_target_close_to_fp32_and_default_exclusions(cpu_int8, tiny_random_f
     Artifact.open(cpu_int8).verify()
 
 
-def test_runtime_pipeline_runs_quantized_artifact(cpu_int8):
-    pipe = Pipeline.load(cpu_int8)
-    out = pipe("a small red circle on a blue background, top left", num_inference_steps=3, seed=1, output_type="np")
-    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+def test_runtime_pipeline_runs_quantized_artifact(cpu_int8, tiny_random_fp32):
+    """The INT8 artifact's images are close to its fp32 source's from the same seed, and closer
+    than the source's own image from another seed (so closeness is not just similar statistics)."""
+    from ldm_deploy.numerics import psnr
+
+    prompt = "a small red circle on a blue background, top left"
+    int8 = Pipeline.load(cpu_int8)(prompt, num_inference_steps=3, seed=1, output_type="np").images
+    fp32 = Pipeline.load(tiny_random_fp32)
+    same = fp32(prompt, num_inference_steps=3, seed=1, output_type="np").images
+    other = fp32(prompt, num_inference_steps=3, seed=2, output_type="np").images
+    assert int8.shape == (1, 64, 64, 3) and np.isfinite(int8).all()
+    assert psnr(int8, same, 1.0) >= 20.0, psnr(int8, same, 1.0)
+    assert psnr(int8, same, 1.0) > psnr(other, same, 1.0) + 3.0, (psnr(int8, same, 1.0), psnr(other, same, 1.0))
+
+
+def test_calibrating_while_another_thread_generates_with_the_same_pipeline(tiny_random_fp32, cpu_int8, tmp_path):
+    """Calibration observes the shared Pipeline instead of swapping its components: an
+    ldm-quantize run on one thread and generation on another, through one Pipeline, each give
+    exactly what they give alone (cpu_int8 was quantized alone, with its own Pipeline)."""
+    import threading
+
+    pipe = Pipeline.load(tiny_random_fp32)
+    prompt = "a large green square on a white background"
+    serial = [pipe(prompt, num_inference_steps=3, seed=s, output_type="np").images for s in range(4)]
+    done: dict = {}
+
+    def quantize() -> None:
+        try:
+            done["manifest"] = quantize_artifact(tiny_random_fp32, tmp_path / "int8", target="cpu", pipeline=pipe,
+                                                 **FAST)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            done["error"] = e
+
+    worker = threading.Thread(target=quantize)
+    worker.start()
+    generated = overlapped = 0
+    while worker.is_alive() or generated < 8:
+        overlapped += worker.is_alive()
+        images = pipe(prompt, num_inference_steps=3, seed=generated % 4, output_type="np").images
+        assert np.array_equal(images, serial[generated % 4]), f"generation {generated} changed"
+        generated += 1
+    worker.join()
+    assert "error" not in done, done.get("error")
+    assert overlapped >= 2  # generation really overlapped the calibration
+    a = (tmp_path / "int8" / "unet" / "model.onnx").read_bytes()
+    assert a == (cpu_int8 / "unet" / "model.onnx").read_bytes()
+    shared, alone = done["manifest"]["quantization"], json.loads((cpu_int8 / "manifest.json").read_text())["quantization"]
+    assert shared["calibration"] == alone["calibration"]
 
 
 def test_sensitivity_table(tiny_random_fp32, calib):
-    from ldm_deploy.quantize.build import sensitivity_markdown, sensitivity_table
+    from ldm_deploy.quantize.sensitivity import sensitivity_markdown, sensitivity_table
     from ldm_deploy.quantize.recipes import quantizable_nodes, recipe
 
     model = tiny_random_fp32 / "unet" / "model.onnx"

@@ -1,7 +1,7 @@
 """Calibration data from real sampling runs: the U-Net inputs of CFG trajectories.
 
 The runtime :class:`~ldm_deploy.runtime.Pipeline` samples calibration prompts with classifier-free
-guidance while a recorder wrapped around its U-Net keeps the inputs (``sample`` [2B, C, h, w],
+guidance while an observer of the call (``Pipeline(..., observer=)``) keeps the U-Net inputs (``sample`` [2B, C, h, w],
 ``timestep`` [1], ``encoder_hidden_states`` [2B, 77, D]) at selected steps. Only those inputs are
 stored (a few MB at SD1.5 scale), never the activations.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +77,7 @@ class CalibrationSet:
     height: int
     width: int
     runs: int = 0
+    component_inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
     meta_extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -110,16 +111,6 @@ class CalibrationSet:
                  prompt_indices=np.array(self.prompt_indices))
 
 
-def read_prompt_file(path: Path | str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise LdmDeployError(f"calibration prompt file {path} does not exist")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise LdmDeployError(f"calibration prompt file {path} has no prompts")
-    return prompts
-
-
 def selection(size: int, steps: int, per_run: int | None = None) -> tuple[int, list[tuple[int, int]]]:
     """(number of sampling runs, [(run, step index)] for each kept batch)."""
     if size < 1:
@@ -134,22 +125,22 @@ def selection(size: int, steps: int, per_run: int | None = None) -> tuple[int, l
 
 
 class _Recorder:
-    """Stands in for the pipeline's U-Net component and records the inputs of chosen steps."""
+    """Observes one sampling run: the U-Net inputs of the chosen steps, and every call's inputs
+    of the ``components`` named (text encoder, VAE decoder). Nothing in the pipeline changes."""
 
-    device = "cpu"
-
-    def __init__(self, inner: Any, keep_steps: set[int]):
-        self.inner = inner
-        self.spec = inner.spec
+    def __init__(self, keep_steps: set[int], components: Sequence[str] = ()):
         self.keep_steps = keep_steps
-        self.step = 0
         self.records: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.inputs: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
 
-    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
-        if self.step in self.keep_steps:
-            self.records.append((self.step, {k: np.array(v, dtype=np.float32, copy=True) for k, v in inputs.items()}))
-        self.step += 1
-        return self.inner(**inputs)
+    def on_component(self, name: str, inputs: Mapping[str, np.ndarray]) -> None:
+        if name in self.inputs:
+            self.inputs[name].append({k: np.array(v, copy=True) for k, v in inputs.items()})
+
+    def on_step_end(self, info: Any) -> None:
+        if info.index in self.keep_steps:
+            self.records.append((info.index, {k: np.array(v, dtype=np.float32, copy=True)
+                                              for k, v in info.unet_inputs.items()}))
 
 
 def collect_calibration(
@@ -163,9 +154,12 @@ def collect_calibration(
     width: int | None = None,
     per_run: int | None = None,
     log: Callable[[str], None] = lambda s: None,
+    record_components: Sequence[str] = (),
 ) -> CalibrationSet:
     """Run ``pipe`` (a runtime ``Pipeline``) on the prompts and keep ``size`` U-Net input batches
-    spread over the trajectories (see the module docstring)."""
+    spread over the trajectories (see the module docstring); with ``record_components``, also
+    every input of those components (``CalibrationSet.component_inputs``). ``pipe`` is only
+    observed, so other threads may use it at the same time."""
     prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
     if not prompts:
         raise LdmDeployError("the calibration prompt list is empty")
@@ -180,29 +174,26 @@ def collect_calibration(
     batches: list[dict[str, np.ndarray] | None] = [None] * size
     timesteps = [0] * size
     prompt_idx = [0] * size
-    original = pipe.components["unet"]
-    try:
-        for r in range(n_runs):
-            ks = by_run.get(r, [])
-            wanted = {picks[k][1]: k for k in ks}
-            rec = _Recorder(original, set(wanted))
-            pipe.components["unet"] = rec
-            pi = r % len(prompts)
-            pipe(prompts[pi], num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                 seed=seed + r, output_type="np")
-            for step, inputs in rec.records:
-                k = wanted[step]
-                batches[k] = inputs
-                timesteps[k] = int(round(float(inputs["timestep"].reshape(-1)[0])))
-                prompt_idx[k] = pi
-            log(f"calibration: run {r + 1}/{n_runs} '{prompts[pi][:48]}' kept steps {sorted(wanted)}")
-    finally:
-        pipe.components["unet"] = original
+    component_inputs: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in record_components}
+    for r in range(n_runs):
+        wanted = {picks[k][1]: k for k in by_run.get(r, [])}
+        rec = _Recorder(set(wanted), record_components)
+        pi = r % len(prompts)
+        pipe(prompts[pi], num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+             seed=seed + r, output_type="np", observer=rec)
+        for step, inputs in rec.records:
+            k = wanted[step]
+            batches[k] = inputs
+            timesteps[k] = int(round(float(inputs["timestep"].reshape(-1)[0])))
+            prompt_idx[k] = pi
+        for c, items in rec.inputs.items():
+            component_inputs[c].extend(items)
+        log(f"calibration: run {r + 1}/{n_runs} '{prompts[pi][:48]}' kept steps {sorted(wanted)}")
     kept = [b for b in batches if b is not None]
     if len(kept) != size:  # pragma: no cover - would mean the pipeline ran fewer steps than asked
         raise LdmDeployError(f"calibration recorded {len(kept)} batches, expected {size}")
     return CalibrationSet(
         batches=kept, timesteps=timesteps, step_indices=[j for _, j in picks], prompt_indices=prompt_idx,
         prompts=prompts, steps=steps, seed=seed, guidance_scale=guidance_scale, height=height, width=width,
-        runs=n_runs,
+        runs=n_runs, component_inputs=component_inputs,
     )

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .build import quantize_artifact
-    from .calibration import read_prompt_file
+    from ..prompts import read_prompt_file
 
-    prompts = read_prompt_file(args.calib_prompts) if args.calib_prompts is not None else None
+    prompts = read_prompt_file(args.calib_prompts, "calibration prompt file") if args.calib_prompts is not None else None
     comps = [c.strip() for c in args.components.split(",") if c.strip()]
     if args.calib_size < 1 or args.calib_steps < 1:
         raise LdmDeployError("--calib-size and --calib-steps must be >= 1")

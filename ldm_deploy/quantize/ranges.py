@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..runtime.sessions import make_session, run_session
+
 DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16)
 _SUFFIX_MIN = "__ldmq_min"
@@ -160,13 +162,6 @@ class Workspace:
         self.tmp.cleanup()
 
 
-def _float_type(model: onnx.ModelProto, name: str) -> int:
-    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        if v.name == name and v.type.tensor_type.elem_type:
-            return v.type.tensor_type.elem_type
-    return TensorProto.FLOAT
-
-
 def augment_with_reductions(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """Copy of ``model`` whose only outputs are a scalar min and max of each tensor in ``names``."""
     m = onnx.ModelProto()
@@ -207,27 +202,9 @@ def augment_with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.M
 
 
 def _session(path: Path, threads: int = 0):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    # Basic optimisations only: the fused kernels of ALL may drop or rename the tensors we read.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = False
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-       "tensor(int64)": np.int64}
-
-
-def _feeds(session, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    """Graph inputs from a recorded batch, cast to the graph's input types."""
-    types = {i.name: _NP.get(i.type, np.float32) for i in session.get_inputs()}
-    return {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in batch.items() if k in types}
+    # basic optimisations only (the fused kernels of the full level may drop or rename the tensors
+    # read here), and no arena: each pass exposes different tensors
+    return make_session(path, "cpu", threads, low_memory=True, optimization="basic")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -239,16 +216,12 @@ class TensorStats:
 
     lo: float = math.inf
     hi: float = -math.inf
-    count: int = 0
     hist: np.ndarray | None = None  # int64 counts over ``edges``
     edges: np.ndarray | None = None
 
     def update_minmax(self, lo: float, hi: float) -> None:
         self.lo = min(self.lo, float(lo))
         self.hi = max(self.hi, float(hi))
-
-    def to_dict(self) -> dict:
-        return {"min": self.lo, "max": self.hi}
 
 
 @dataclass
@@ -265,16 +238,14 @@ class RangeCollection:
     def minmax(self) -> dict[str, tuple[float, float]]:
         return {k: (s.lo, s.hi) for k, s in self.stats.items()}
 
-    def ranges(self, method: str | None = None, symmetric: bool = False, percentile: float = 99.999,
-               fixed: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
+    def ranges(self, method: str | None = None, symmetric: bool = False,
+               percentile: float = 99.999) -> dict[str, tuple[float, float]]:
         """(lo, hi) per tensor for ``method`` (default: the collected one). ``symmetric``
         optimises a zero-centred range (int8 activations with zero point 0)."""
         method = method or self.method
         out: dict[str, tuple[float, float]] = {}
         for k, s in self.stats.items():
-            if fixed and k in fixed:
-                out[k] = fixed[k]
-            elif method == "minmax" or s.hist is None or s.hi <= s.lo:
+            if method == "minmax" or s.hist is None or s.hi <= s.lo:
                 out[k] = (s.lo, s.hi)
             elif method == "percentile":
                 out[k] = percentile_range(s.hist, s.edges, percentile, symmetric)
@@ -381,10 +352,9 @@ def collect_ranges(
             sess = _session(path, threads)
             outs = [o.name for o in sess.get_outputs()]
             for bi, batch in enumerate(batches):
-                vals = sess.run(outs, _feeds(sess, batch))
+                vals = run_session(sess, batch, outs)
                 for n, lo, hi in zip(names, vals[0::2], vals[1::2]):
                     stats[n].update_minmax(float(lo), float(hi))
-                    stats[n].count += 1
             del sess
             coll.passes["reduce_runs"] = len(batches)
             log(f"ranges: min/max of {len(names)} tensors in-graph over {len(batches)} batches")
@@ -411,7 +381,7 @@ def collect_ranges(
             path = ws.save(augment_with_outputs(structure, chunk), f"expose_{ci}.onnx")
             sess = _session(path, threads)
             for batch in batches:
-                vals = sess.run(chunk, _feeds(sess, batch))
+                vals = run_session(sess, batch, chunk)
                 runs += 1
                 for n, v in zip(chunk, vals):
                     s = stats[n]
@@ -419,7 +389,6 @@ def collect_ranges(
                         s.hist += fixed_histogram(v, float(s.edges[0]), float(s.edges[-1]), bins)
                     else:
                         s.update_minmax(float(v.min()), float(v.max()))
-                        s.count += 1
                 del vals
             del sess
             os.unlink(path)
@@ -436,7 +405,7 @@ def brute_force_minmax(model_path: Path | str, batches: Iterable[dict[str, np.nd
     ws = Workspace(model_path)
     try:
         sess = _session(ws.save(augment_with_outputs(structure, targets), "all.onnx"))
-        kept = [sess.run(list(targets), _feeds(sess, b)) for b in batches]
+        kept = [run_session(sess, b, list(targets)) for b in batches]
     finally:
         ws.close()
     return {n: (float(min(k[i].min() for k in kept)), float(max(k[i].max() for k in kept)))
