@@ -50,7 +50,7 @@ def worker_time(artifact: str, size: int, iters: int, warmup: int, threads: int)
 
     art = Artifact.open(artifact)
     t0 = time.perf_counter()
-    sess = make_session(art.model_file("unet"), "cpu", None, threads)
+    sess = make_session(art.model_file("unet"), "cpu", threads)
     load_s = time.perf_counter() - t0
     dims = art.manifest["model_dims"]
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import gc
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +15,8 @@ import numpy as np
 from ..artifact import ArtifactWriter, library_versions, peak_rss_bytes, write_json
 from ..errors import LdmDeployError, ValidationError
 from ..inputs import example_inputs
-from ..specs import COMPONENTS, ComponentSpec, ShapeRanges, component_specs
+from ..runtime.memory import release_free_heap
+from ..specs import COMPONENTS, ComponentSpec, ShapeRanges, check_image_side, component_specs
 
 # Exported first: the U-Net is the largest, so its torch weights are freed before the others'
 # sessions are built.
@@ -39,7 +40,40 @@ class ExportOptions:
     native_fp16: bool | None = None  # None: use a fp16 torch model when CUDA is available
     exporter: str = "torchscript"  # or "dynamo"
     attention: str = "auto"  # "mha" (ORT fused), "sliced" (per-head self-attention), "full", or "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """How the options are carried out, decided once: where the torch model runs, the artifact's
+    precision and I/O dtype, the attention form and the graph passes after the export."""
+
+    native_fp16: bool  # fp16 torch model on CUDA (else fp32 on CPU, converted after export if fp16)
+    precision: str  # "fp32" | "fp16"
+    io_dtype: str  # "float32" | "float16"
+    attention: str  # "mha" | "sliced" | "full"
+    steps: tuple[str, ...]  # "export", then "optimize" and/or "fp16" (graph conversion)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.native_fp16 else "cpu"
+
+    @property
+    def fp16_method(self) -> str | None:
+        if self.precision != "fp16":
+            return None
+        return "native-cuda" if self.native_fp16 else "onnx-conversion"
+
+
+def plan_export(opts: ExportOptions, cuda_available: bool) -> ExportPlan:
+    """Resolve ``opts`` into an :class:`ExportPlan` (``cuda_available``: torch sees a GPU)."""
+    native = opts.native_fp16 if opts.native_fp16 is not None else (opts.fp16 and cuda_available)
+    return ExportPlan(
+        native_fp16=bool(native),
+        precision="fp16" if opts.fp16 else "fp32",
+        io_dtype="float16" if opts.fp16 and not opts.keep_io_types else "float32",
+        attention=resolve_attention(opts.attention, bool(native), opts.fp16, opts.optimize),
+        steps=("export",) + (("optimize",) if opts.optimize else ()) + (("fp16",) if opts.fp16 and not native else ()),
+    )
 
 
 def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
@@ -47,15 +81,8 @@ def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale
     h = opts.height or native
     w = opts.width or native
     for label, v in (("height", h), ("width", w), ("min-size", opts.min_size), ("max-size", opts.max_size)):
-        if v is None:
-            continue
-        if v <= 0 or v % 8:
-            raise LdmDeployError(f"{label} {v} is not a positive multiple of 8")
-        if v % size_multiple:
-            raise LdmDeployError(
-                f"{label} {v} is not a multiple of {size_multiple} (this model's U-Net downsamples the "
-                f"{vae_scale}x-smaller latent {size_multiple // vae_scale}x)"
-            )
+        if v is not None:
+            check_image_side(label, v, size_multiple, vae_scale)
     lo = opts.min_size or max(size_multiple, (min(h, w) // 2) // size_multiple * size_multiple)
     hi = opts.max_size or 2 * max(h, w)
     if opts.batch < 1 or opts.max_batch < opts.batch:
@@ -116,21 +143,16 @@ def export_model(
     if unknown:
         raise LdmDeployError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
     start = time.perf_counter()
+    plan = plan_export(opts, torch.cuda.is_available())
     with ArtifactWriter(out, overwrite=overwrite) as writer:
-        native = opts.native_fp16 if opts.native_fp16 is not None else (opts.fp16 and torch.cuda.is_available())
-        device = "cuda" if native else "cpu"
-        dtype = torch.float16 if native else torch.float32
-        log(f"loading {model_name} ({'fp16 on CUDA' if native else 'fp32 on CPU'})")
-        model = load_model(model_name, dtype=dtype, device=device)
+        log(f"loading {model_name} ({'fp16 on CUDA' if plan.native_fp16 else 'fp32 on CPU'})")
+        model = load_model(model_name, dtype=torch.float16 if plan.native_fp16 else torch.float32, device=plan.device)
         dims = model.dims()
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
         ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
         specs = component_specs(dims)
-        attention = resolve_attention(opts.attention, native, opts.fp16, opts.optimize)
-        if attention in ("sliced", "mha"):
-            set_export_attention(model.unet, attention)
-        precision = "fp16" if opts.fp16 else "fp32"
-        io_dtype = "float16" if opts.fp16 and not opts.keep_io_types else "float32"
+        if plan.attention in ("sliced", "mha"):
+            set_export_attention(model.unet, plan.attention)
         scratch = writer.path / ".scratch"
         components: dict[str, Any] = {}
         validation: dict[str, Any] = {}
@@ -140,9 +162,9 @@ def export_model(
             spec = specs[name]
             module = component_module(name, model)
             final = writer.path / name / "model.onnx"
-            steps = ["export"] + (["optimize"] if opts.optimize else []) + (["fp16"] if opts.fp16 and not native else [])
+            steps = plan.steps
             paths = [final if j == len(steps) - 1 else scratch / name / f"{s}.onnx" for j, s in enumerate(steps)]
-            val_inputs = example_inputs(spec, ranges.sizes("opt"), io_dtype, seed=1)
+            val_inputs = example_inputs(spec, ranges.sizes("opt"), plan.io_dtype, seed=1)
             reference = _torch_forward(module, spec, val_inputs) if opts.validate else None
             log(f"[{i}/{len(order)}] {name}: exporting")
             export_component(module, spec, example_inputs(spec, trace_sizes(ranges, dims.unet_factor)), ranges,
@@ -161,7 +183,7 @@ def export_model(
             shutil.rmtree(scratch / name, ignore_errors=True)
             if reference is not None:
                 log(f"[{i}/{len(order)}] {name}: validating against PyTorch at {_fmt_shapes(val_inputs)}")
-                validation[name] = _validate(name, final, val_inputs, reference, precision, opts.optimize)
+                validation[name] = _validate(name, final, val_inputs, reference, plan.precision, opts.optimize)
                 _report_line(validation[name], log)
             else:
                 validation[name] = {"component": name, "status": "skipped", "how": "--no-validate"}
@@ -183,12 +205,12 @@ def export_model(
             {
                 "stage": "export",
                 "source": model.source,
-                "precision": precision,
-                "io_dtype": io_dtype,
-                "fp16_method": ("native-cuda" if native else "onnx-conversion") if opts.fp16 else None,
+                "precision": plan.precision,
+                "io_dtype": plan.io_dtype,
+                "fp16_method": plan.fp16_method,
                 "opset": opts.opset,
                 "optimize": opts.optimize,
-                "attention": attention,
+                "attention": plan.attention,
                 "exporter": opts.exporter,
                 "model_dims": dims.__dict__,
                 "shape_ranges": ranges.to_dict(),
@@ -208,12 +230,7 @@ def export_model(
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_heap()
 
 
 def _remove_graph(path: Path) -> None:
@@ -259,7 +276,7 @@ def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: n
               optimize_target: str | None) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from ..runtime.sessions import make_session
+    from ..runtime.sessions import make_session, run_session
     from .validate import validate
 
     provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
@@ -270,7 +287,7 @@ def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: n
     how = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
     if precision == "fp16" and provider == "cpu":
         how += " (fp16 graph; ops without fp16 CPU kernels run in fp32 behind inserted casts)"
-    result = validate(name, lambda x, s=session: s.run(None, x)[0], reference, inputs, precision, how)
+    result = validate(name, lambda x, s=session: run_session(s, x)[0], reference, inputs, precision, how)
     del session
     release_memory()
     return result

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import LdmDeployError
 
-METHODS = ("channels", "blocks")
+METHODS = ("channels", "blocks")  # one pruner each: PRUNERS
 DEFAULT_RATIO = 0.3
 DEFAULT_IMPORTANCE = "l1"
 
@@ -105,13 +105,11 @@ def prune_model(model_name: str, out: Path | str, opts: PruneOptions, overwrite:
     from ..artifact import ArtifactWriter
 
     ArtifactWriter(out, overwrite=overwrite)  # refuses an existing output before any work
-    import copy
-
     import torch
 
     from ..artifact import library_versions, peak_rss_bytes
     from ..models import load_model
-    from .counting import unet_counts, unet_macs
+    from .counting import unet_counts
     from .keep import match_keep
 
     start = time.perf_counter()
@@ -146,48 +144,10 @@ def prune_model(model_name: str, out: Path | str, opts: PruneOptions, overwrite:
             f"data: {opts.data})")
         data = generate_latents(model, teacher, prompts, (native, native), opts.sample_steps, opts.guidance,
                                 opts.seed, device, batch=max(opts.batch_size, 16), progress=opts.progress)
-    keep_teacher = opts.distill_steps > 0
-    details: dict[str, Any] = {}
-    removed: dict[str, list[int]] = {}
-    if opts.method == "channels":
-        from .channels import plan_widths, prune_channels
-        from .data import spread_timesteps
-        from .importance import accumulate_taylor_grads, make_scorer
-
-        plan = plan_widths(teacher.config, ratio)
-        if abs(plan.effective - ratio) > 1e-9:
-            log(f"ratio {ratio} rounded to {plan.effective:.4g}: whole heads and GroupNorm groups "
-                f"(keeping {plan.groups_kept} of {plan.groups} groups per layer)")
-        work = copy.deepcopy(teacher) if keep_teacher else teacher
-        if importance == "taylor":
-            steps = spread_timesteps(model.scheduler_config, opts.taylor_timesteps)
-            loss = accumulate_taylor_grads(work, data, steps, opts.batch_size, opts.seed)
-            details["taylor"] = {"timesteps": steps, "eps_mse": loss}
-        log(f"pruning channels with Torch-Pruning DepGraph ({importance} importance)")
-        student, report = prune_channels(work, plan, make_scorer(importance), keep,
-                                         int(model.scheduler_config.get("num_train_timesteps", 1000)), inplace=True)
-        del work
-        removed = report.removed
-        details["channels"] = report.summary()
-        if not keep_teacher:
-            teacher = None
-    else:
-        from . import blocks
-
-        if ratio is None:
-            removals = blocks.bk_sdm_recipe(teacher.config, keep)
-            details["blocks"] = {"recipe": "bk-sdm-small"}
-        else:
-            cands = [r for r in blocks.candidates(teacher.config) if blocks.blocked_by_keep(r, teacher.config, keep) is None]
-            log(f"ranking {len(cands)} removable blocks by output sensitivity")
-            ranked = blocks.rank_by_sensitivity(teacher, cands, _error_fn(teacher, data, model.scheduler_config,
-                                                                          opts.batch_size),
-                                                lambda cfg: unet_macs(cfg, count_hw))
-            removals = blocks.choose_by_ratio(teacher, ranked, ratio, lambda cfg: unet_macs(cfg, count_hw))
-            details["blocks"] = {"recipe": "sensitivity", "sensitivity": ranked}
-        student = blocks.build_student(teacher, removals, share=not keep_teacher)
-        details["blocks"]["removed"] = [r.name for r in removals]
-        details["blocks"]["removed_modules"] = [m for r in removals for m in r.modules(teacher.config)]
+    job = _Job(model, teacher, opts, ratio, importance, keep, data, count_hw, log)
+    student, removed, details = PRUNERS[opts.method](job)
+    if opts.distill_steps == 0:
+        teacher = None  # not needed for distillation: channel pruning has pruned it in place
     after = unet_counts(student, count_hw)
     log(f"pruned U-Net: {after['params'] / 1e6:.2f} M params (-{1 - after['params'] / before['params']:.1%}), "
         f"{after['macs'] / 1e9:.3f} GMACs (-{1 - after['macs'] / before['macs']:.1%})")
@@ -224,6 +184,83 @@ def prune_model(model_name: str, out: Path | str, opts: PruneOptions, overwrite:
     teacher = None
     manifest["stats"] = {"prune_seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()}
     return _save(out, model, student, manifest, overwrite)
+
+
+@dataclass
+class _Job:
+    """What a prune method needs: the loaded model, the options resolved, the data (if any)."""
+
+    model: Any
+    teacher: Any
+    opts: PruneOptions
+    ratio: float | None
+    importance: str | None
+    keep: Any
+    data: Any
+    count_hw: tuple[int, int]
+    log: Callable[[str], None]
+
+    @property
+    def keep_teacher(self) -> bool:
+        """Distillation needs the unpruned teacher, so the student is pruned from a copy."""
+        return self.opts.distill_steps > 0
+
+
+def _prune_channels(job: _Job) -> tuple[Any, dict[str, list[int]], dict[str, Any]]:
+    """Torch-Pruning channel pruning: (student, removed channel indices, manifest details)."""
+    import copy
+
+    from .channels import plan_widths, prune_channels
+    from .data import spread_timesteps
+    from .importance import accumulate_taylor_grads, make_scorer
+
+    ratio = float(job.ratio)  # type: ignore[arg-type]  # channels always have a ratio
+    plan = plan_widths(job.teacher.config, ratio)
+    if abs(plan.effective - ratio) > 1e-9:
+        job.log(f"ratio {ratio} rounded to {plan.effective:.4g}: whole heads and GroupNorm groups "
+                f"(keeping {plan.groups_kept} of {plan.groups} groups per layer)")
+    work = copy.deepcopy(job.teacher) if job.keep_teacher else job.teacher
+    details: dict[str, Any] = {}
+    if job.importance == "taylor":
+        steps = spread_timesteps(job.model.scheduler_config, job.opts.taylor_timesteps)
+        loss = accumulate_taylor_grads(work, job.data, steps, job.opts.batch_size, job.opts.seed)
+        details["taylor"] = {"timesteps": steps, "eps_mse": loss}
+    job.log(f"pruning channels with Torch-Pruning DepGraph ({job.importance} importance)")
+    train_steps = int(job.model.scheduler_config.get("num_train_timesteps", 1000))
+    student, report = prune_channels(work, plan, make_scorer(job.importance), job.keep, train_steps, inplace=True)
+    details["channels"] = report.summary()
+    return student, report.removed, details
+
+
+def _prune_blocks(job: _Job) -> tuple[Any, dict[str, list[int]], dict[str, Any]]:
+    """BK-SDM-style block removal (its recipe, or ranked by output sensitivity to a MACs ratio)."""
+    from . import blocks
+    from .counting import unet_macs
+
+    teacher, cfg = job.teacher, job.teacher.config
+    if job.ratio is None:
+        removals = blocks.bk_sdm_recipe(cfg, job.keep)
+        info: dict[str, Any] = {"recipe": "bk-sdm-small"}
+    else:
+        cands = [r for r in blocks.candidates(cfg) if blocks.blocked_by_keep(r, cfg, job.keep) is None]
+        job.log(f"ranking {len(cands)} removable blocks by output sensitivity")
+        def macs(c: Any) -> float:
+            return unet_macs(c, job.count_hw)
+
+        error = _error_fn(teacher, job.data, job.model.scheduler_config, job.opts.batch_size)
+        ranked = blocks.rank_by_sensitivity(teacher, cands, error, macs)
+        removals = blocks.choose_by_ratio(teacher, ranked, job.ratio, macs)
+        info = {"recipe": "sensitivity", "sensitivity": ranked}
+    student = blocks.build_student(teacher, removals, share=not job.keep_teacher)
+    info["removed"] = [r.name for r in removals]
+    info["removed_modules"] = [m for r in removals for m in r.modules(cfg)]
+    return student, {}, {"blocks": info}
+
+
+PRUNERS: dict[str, Callable[[_Job], tuple[Any, dict[str, list[int]], dict[str, Any]]]] = {
+    "channels": _prune_channels,
+    "blocks": _prune_blocks,
+}
 
 
 def _save(out: Path | str, model: Any, student: Any, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any]:
