@@ -91,7 +91,7 @@ def run_runtime(artifact: str, steps: int, size: int, threads: int) -> dict:
         info["bytes"] for rel, info in pipe.artifact.manifest["files"].items()
         if rel.split("/")[0] in ("text_encoder", "unet", "vae_decoder")
     )
-    return {"load_s": load_s, "total_s": total, "timings": out.timings, "step_s": steps_t,
+    return {"load_s": load_s, "total_s": total, "timings": out.timings, "steps": out.steps, "step_s": steps_t,
             "weight_bytes": weights}, out.images
 
 
@@ -149,8 +149,8 @@ def main() -> None:
     # the first step interval also holds text encoding: use the later ones when there are any
     torch_step = median(t["step_s"][1:] or t["step_s"])
     rt_step = median(r["step_s"][1:] or r["step_s"])
-    rt_unet = r["timings"]["unet"] / r["timings"]["steps"]
-    rt_other = r["timings"]["scheduler_and_guidance"] / r["timings"]["steps"]
+    rt_unet = r["timings"]["unet"] / r["steps"]
+    rt_other = r["timings"]["scheduler_and_guidance"] / r["steps"]
     summary = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},

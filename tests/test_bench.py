@@ -254,10 +254,10 @@ def run_suite_text(artifact: Path) -> str:
         kind = "runtime"
         build = {{ quantize = "fp32", calib_size = 2, calib_steps = 2, holdout = 0, quality_prompts = 0 }}
         [[variant]]
-        name = "directml"
+        name = "ort-cuda"
         kind = "runtime"
         artifact = "{artifact}"
-        provider = "dml"
+        backend = "ort-cuda"
         """
 
 
@@ -287,8 +287,8 @@ def test_tiny_run_writes_every_output(local_run, tiny_random_fp32):
     assert on_disk["suite"]["name"] == "tiny-test" and "onnxruntime" in on_disk["versions"]
     assert on_disk["machine"]["logical_cpus"] >= 1
     rows = {v["name"]: v for v in on_disk["variants"]}
-    assert [rows[n]["status"] for n in ("torch", "fp32", "int8", "directml")] == ["ok", "ok", "ok", "skipped"]
-    assert "'dml' is not available" in rows["directml"]["reason"]
+    assert [rows[n]["status"] for n in ("torch", "fp32", "int8", "ort-cuda")] == ["ok", "ok", "ok", "skipped"]
+    assert "'cuda' is not available" in rows["ort-cuda"]["reason"]
     for name in ("torch", "fp32", "int8"):
         v = rows[name]
         for op in ("text_encoder", "unet_step", "vae_decode", "end_to_end"):
@@ -314,12 +314,46 @@ def test_tiny_run_writes_every_output(local_run, tiny_random_fp32):
     assert "**skipped**" in md and "latency.png" in md and "pareto.png" in md
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["variant"] for r in table] == ["torch", "fp32", "int8", "directml"]
+    assert [r["variant"] for r in table] == ["torch", "fp32", "int8", "ort-cuda"]
     from PIL import Image
 
     for png in ("latency.png", "pareto.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.size[0] > 300
+    _check_plot_content(on_disk)
+
+
+def _check_plot_content(results: dict) -> None:
+    """What the PNGs draw: one labelled bar per variant and component ending at its median, and
+    one quality-vs-latency point per variant at its measured values."""
+    import matplotlib.pyplot as plt
+
+    from ldm_deploy.bench.plots import latency_figure, pareto_figure
+    from ldm_deploy.bench.results import pareto_metric, quality_value
+
+    ok = [v for v in results["variants"] if v["status"] == "ok"]
+    names = [v["name"] for v in ok]
+    fig = latency_figure(results)
+    per_component, end_to_end = fig.axes[:2]
+    assert [t.get_text() for t in end_to_end.get_yticklabels()] == names
+    ends = [p.get_x() + p.get_width() for p in end_to_end.patches]
+    assert ends == pytest.approx([v["latency"]["end_to_end"]["median"] for v in ok])
+    ends = [p.get_x() + p.get_width() for p in per_component.patches]
+    assert ends == pytest.approx([v["latency"][op]["median"] for op in ("text_encoder", "unet_step", "vae_decode")
+                                  for v in ok])
+    plt.close(fig)
+
+    fig = pareto_figure(results)
+    (ax,) = fig.axes
+    key, label, _ = pareto_metric(ok)
+    points = {c.get_label(): tuple(c.get_offsets()[0]) for c in ax.collections}
+    expected = {v["name"]: (v["latency"]["end_to_end"]["median"], quality_value(v["quality"], key)) for v in ok
+                if quality_value(v["quality"], key) is not None}
+    assert len(expected) >= 2 and points.keys() == expected.keys()
+    for name, xy in expected.items():
+        assert points[name] == pytest.approx(xy)
+    assert ax.get_ylabel() == label and any(line.get_label() == "Pareto front" for line in ax.lines)
+    plt.close(fig)
 
 
 def test_report_regenerates_outputs(local_run, tmp_path):

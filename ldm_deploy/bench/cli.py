@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "report":
-        from .report import load_results, render_all
+        from .report import render_all
+        from .results import load_results
 
         for path in render_all(load_results(args.results), args.results):
             print(f"wrote {path}")

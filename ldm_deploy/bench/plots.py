@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import OPS, pareto_metric, quality_value
+from .results import OPS, pareto_metric, quality_value
 
 
 def require_matplotlib() -> Any:
@@ -56,7 +56,23 @@ def _bars(ax: Any, ys: list[float], stats: list[dict[str, Any]], low: str, high:
     ax.barh(ys, [m - floor for m in med], left=floor, xerr=err, capsize=2, **kw)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def latency_plot(results: dict[str, Any], path: Path) -> Path:
+    """Write :func:`latency_figure` as a PNG."""
+    return _save(latency_figure(results), path)
+
+
+def pareto_plot(results: dict[str, Any], path: Path) -> Path:
+    """Write :func:`pareto_figure` as a PNG."""
+    return _save(pareto_figure(results), path)
+
+
+def latency_figure(results: dict[str, Any]) -> Any:
     """Left: median per component (whiskers: min to p90); right: end to end (whiskers: min to max).
     Log time axes: components differ by orders of magnitude and a loaded machine adds outliers."""
     plt = _pyplot()
@@ -86,9 +102,7 @@ def latency_plot(results: dict[str, Any], path: Path) -> Path:
     ax2.set_title(f"end to end ({s['steps']} steps, batch {s['batch']})")
     fig.suptitle(f"{results['suite']['name']}: latency, {s['height']}x{s['width']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _front(points: list[tuple[float, float, str]], higher: bool) -> list[tuple[float, float, str]]:
@@ -100,7 +114,7 @@ def _front(points: list[tuple[float, float, str]], higher: bool) -> list[tuple[f
     return out
 
 
-def pareto_plot(results: dict[str, Any], path: Path) -> Path:
+def pareto_figure(results: dict[str, Any]) -> Any:
     """Quality (or, without a quality run, peak RSS) vs end-to-end median latency, with the front."""
     plt = _pyplot()
     ok = [v for v in results["variants"] if v["status"] == "ok"]
@@ -133,6 +147,4 @@ def pareto_plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{results['suite']['name']}: {title}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime.backends import BACKENDS
+
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
 
@@ -140,8 +142,7 @@ VARIANT_COMMON: dict[str, Field] = {
 VARIANT_FIELDS: dict[str, dict[str, Field]] = {
     "runtime": {
         "artifact": Field("str", "", help="artifact directory (relative to the suite file)"),
-        "provider": Field("str", "cpu", help="ONNX Runtime execution provider"),
-        "backend": Field("str", "onnxruntime", choices=("onnxruntime", "tensorrt")),
+        "backend": Field("str", "ort-cpu", choices=tuple(BACKENDS), help="runtime backend (ldm-generate --backend)"),
     },
     "diffusers": {
         "model": Field("str", required=True, help="model name or diffusers pipeline directory"),

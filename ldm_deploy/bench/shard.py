@@ -28,7 +28,11 @@ def _generate(variant: dict[str, Any], settings: dict[str, Any], threads: int, p
 
 def uses_gpu(variant: dict[str, Any]) -> bool:
     o = variant["options"]
-    return o.get("device") == "cuda" or o.get("provider") in ("cuda", "tensorrt") or o.get("backend") == "tensorrt"
+    if variant["kind"] == "runtime":
+        from ..runtime.backends import get_backend
+
+        return get_backend(o["backend"]).device == "cuda"
+    return o.get("device") == "cuda" or o.get("provider") in ("cuda", "tensorrt")
 
 
 def connect(address: str) -> Any:

@@ -8,7 +8,6 @@ an optional ``[quality]`` table (prompt set, number of images, reference variant
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdmDeployError
+from ..prompts import read_prompt_file
 from .locate import Locator
 from .schema import (
     BUILD_KINDS,
@@ -281,14 +281,11 @@ def _check_batches(c: _Checker, settings: dict, quality: dict | None, variants: 
         if v.build is None:
             ranges = Artifact.open(v.options["artifact"]).shape_ranges
             max_batch = ranges.batch[2]
-            for label, axis in (("height", "image_height"), ("width", "image_width")):
-                lo, _, hi = ranges.axes()[axis]
-                if settings[label] % ranges.size_multiple:
-                    raise c.fail(f"{label} {settings[label]} is not a multiple of {ranges.size_multiple}, as variant "
-                                 f"'{v.name}' requires", "settings", None, label)
-                if not lo <= settings[label] <= hi:
-                    raise c.fail(f"{label} {settings[label]} is outside the exported range [{lo}, {hi}] of variant "
-                                 f"'{v.name}'", "settings", None, label)
+            try:
+                ranges.check_image(settings["height"], settings["width"])
+            except LdmDeployError as e:
+                label = str(e).split()[0]  # "height ..." or "width ..."
+                raise c.fail(f"{e} (variant '{v.name}')", "settings", None, label) from None
         elif v.build["kind"] == "export":
             max_batch = v.build["max_batch"]
         else:
@@ -300,11 +297,7 @@ def _check_batches(c: _Checker, settings: dict, quality: dict | None, variants: 
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one per line, ``#`` comments) or COCO captions JSON."""
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SuiteError(f"{path}: not valid JSON ({e})") from None
-        items = data.get("annotations", []) if isinstance(data, dict) else data
-        return [str(a["caption"]).strip() if isinstance(a, dict) else str(a).strip() for a in items]
-    return [s.strip() for s in path.read_text().splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    try:
+        return read_prompt_file(path)
+    except LdmDeployError as e:
+        raise SuiteError(str(e)) from None

@@ -21,38 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LdmDeployError
+from ..numerics import to_uint8
 from .measure import dir_bytes
 
 #: Mid-trajectory timestep for the single timed U-Net call (the cost does not depend on it).
 TIMESTEP = 500
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] floats in [0, 1] -> uint8."""
-    return (np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def unavailable_reason(kind: str, options: dict[str, Any]) -> str | None:
     """Why this variant cannot run in the current interpreter, or None."""
     if kind == "runtime":
-        from ..runtime.sessions import resolve_provider
+        from ..runtime.backends import get_backend
 
-        if options["backend"] == "tensorrt":
-            from ..tensorrt import TensorRTUnavailable, require_cudart, require_tensorrt
-
-            try:
-                require_tensorrt()
-                require_cudart()
-            except TensorRTUnavailable as e:
-                return str(e)
-            return None
-        try:
-            resolve_provider(options["provider"])
-        except LdmDeployError as e:
-            return str(e)
-        return None
+        return get_backend(options["backend"]).unavailable()
     missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
     if kind == "optimum" and importlib.util.find_spec("optimum") is not None:
         if importlib.util.find_spec("optimum.onnxruntime") is None:
@@ -70,11 +51,9 @@ def unavailable_reason(kind: str, options: dict[str, Any]) -> str | None:
         if not torch.cuda.is_available():
             return "needs a CUDA GPU; torch.cuda.is_available() is False here"
     if kind == "optimum":
-        import onnxruntime as ort
+        from ..runtime.sessions import provider_unavailable
 
-        full = _PROVIDERS.get(options["provider"], options["provider"])
-        if full not in ort.get_available_providers():
-            return f"execution provider {full} is not available in this onnxruntime"
+        return provider_unavailable(options["provider"])
     return None
 
 
@@ -89,8 +68,9 @@ class RuntimeRunner:
     def __init__(self, options: dict[str, Any], settings: dict[str, Any], threads: int):
         from ..runtime import Pipeline
 
-        self.pipe = Pipeline.load(options["artifact"], provider=options["provider"], threads=threads,
-                                  backend=options["backend"], components=("text_encoder", "unet", "vae_decoder"))
+        self.pipe = Pipeline.load(options["artifact"], backend=options["backend"], threads=threads,
+                                  components=("text_encoder", "unet", "vae_decoder"))
+        self.unet = self.pipe.components["unet"]
         self.latent_channels, self.vae_scale = self.pipe.latent_channels, self.pipe.vae_scale
         self.height, self.width = settings["height"], settings["width"]
         files = [info["bytes"] for rel, info in self.pipe.artifact.manifest.get("files", {}).items()
@@ -106,8 +86,7 @@ class RuntimeRunner:
 
     def unet_step(self, latents: np.ndarray, context: np.ndarray, cfg: bool) -> None:
         sample = np.concatenate([latents, latents]) if cfg else latents
-        self.pipe.components["unet"](sample=sample, timestep=np.array([TIMESTEP], dtype=np.float32),
-                                     encoder_hidden_states=context)
+        self.unet(sample=sample, timestep=np.array([TIMESTEP], dtype=np.float32), encoder_hidden_states=context)
 
     def decode(self, latents: np.ndarray) -> None:
         self.pipe.decode(latents)
@@ -193,6 +172,7 @@ class OptimumRunner(DiffusersRunner):
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
         from ..models import EMBEDDED, known_names, load_model
+        from ..runtime.sessions import PROVIDERS
 
         self._tmp = tempfile.TemporaryDirectory(prefix="ldm-bench-optimum-")
         model = options["model"]
@@ -205,7 +185,7 @@ class OptimumRunner(DiffusersRunner):
             src = Path(model)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        provider = _PROVIDERS.get(options["provider"], options["provider"])
+        provider = PROVIDERS.get(options["provider"], options["provider"])
         pipe = ORTStableDiffusionPipeline.from_pretrained(str(src), export=True, provider=provider,
                                                           session_options=so)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"run": run, "check": check, "build": build}[mode](job)
     except Exception as e:  # noqa: BLE001  (any failure is recorded for the parent; traceback on stderr)
-        from ..errors import LdmDeployError
+        from ..errors import LdmDeployError, first_line
 
         if not isinstance(e, LdmDeployError):  # a user error needs no traceback
             traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, 500) if str(e).strip() else ""
         result = {"error": f"{type(e).__name__}: {first}"[:500]}
     Path(job["result"]).write_text(json.dumps(result, default=float))
     return 0 if "error" not in result else 1
