@@ -131,17 +131,40 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
     }
 
 
+#: The largest image side (pixels) any stage accepts: 8x SD1.5's native 512, a latent of 512x512.
+#: Beyond it a single activation of the U-Net or VAE no longer fits in memory; refusing up front
+#: beats failing with an allocation of tens of GB minutes into an export.
+MAX_IMAGE_SIDE = 4096
+#: The largest batch (prompts x images per prompt; the U-Net gets twice as many with CFG).
+MAX_BATCH = 64
+
+
 def check_image_side(label: str, value: int, size_multiple: int, vae_scale: int = 8) -> None:
     """An image side in pixels must be a positive multiple of the VAE scale and of the model's
-    ``size_multiple`` (VAE scale x U-Net downsampling); one clear line otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise LdmDeployError(f"{label} {value!r} is not a positive multiple of {vae_scale}")
+    ``size_multiple`` (VAE scale x U-Net downsampling), at most :data:`MAX_IMAGE_SIDE`; one clear
+    line otherwise."""
+    check_side_bounds(label, value, vae_scale)
     if value % vae_scale:
         raise LdmDeployError(f"{label} {value} is not a multiple of {vae_scale} (the VAE's scale)")
     if value % size_multiple:
         raise LdmDeployError(
             f"{label} {value} is not a multiple of {size_multiple} (required by this model: its U-Net downsamples "
             f"the {vae_scale}x-smaller latent {size_multiple // vae_scale}x)")
+
+
+def check_side_bounds(label: str, value: int, vae_scale: int = 8) -> None:
+    """What holds for an image side whatever the model: a positive integer, at most
+    :data:`MAX_IMAGE_SIDE` (checked before a model is loaded)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise LdmDeployError(f"{label} {value!r} is not a positive multiple of {vae_scale}")
+    if value > MAX_IMAGE_SIDE:
+        raise LdmDeployError(f"{label} {value} exceeds the largest supported image side {MAX_IMAGE_SIDE}")
+
+
+def check_batch_size(label: str, value: int) -> None:
+    """A batch size must be an integer in [1, :data:`MAX_BATCH`]; one clear line otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH:
+        raise LdmDeployError(f"{label} {value!r} is not an integer in [1, {MAX_BATCH}]")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="artifact directory to write (default: ./<model>-onnx[-fp16])")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and compute (converted graph on CPU-only machines)")
     p.add_argument("--fp16-io", action="store_true", help="with --fp16: fp16 graph inputs/outputs too (default: keep fp32 I/O)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset (default 18; 14-20 with the torchscript exporter, 18-23 with dynamo)")
     p.add_argument("--height", type=int, help="image height the graphs are validated at (default: the model's native size)")
     p.add_argument("--width", type=int, help="image width (default: the model's native size)")
     p.add_argument("--batch", type=int, default=1, help="typical prompts per call, the opt point of the batch axis (default 1)")

@@ -16,11 +16,17 @@ from ..artifact import ArtifactWriter, library_versions, peak_rss_bytes, write_j
 from ..errors import LdmDeployError, ValidationError
 from ..inputs import example_inputs
 from ..runtime.memory import release_free_heap
-from ..specs import COMPONENTS, ComponentSpec, ShapeRanges, check_image_side, component_specs
+from ..specs import (
+    COMPONENTS, MAX_IMAGE_SIDE, ComponentSpec, ShapeRanges, check_batch_size, check_image_side, check_side_bounds,
+    component_specs,
+)
 
 # Exported first: the U-Net is the largest, so its torch weights are freed before the others'
 # sessions are built.
 EXPORT_ORDER = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
+#: ONNX opsets each torch.onnx exporter can write these graphs at: from 14 (the first with
+#: scaled_dot_product_attention) and from 18 for torch.export, to the newest the exporter knows.
+OPSETS = {"torchscript": (14, 20), "dynamo": (18, 23)}
 
 
 @dataclass
@@ -76,17 +82,45 @@ def plan_export(opts: ExportOptions, cuda_available: bool) -> ExportPlan:
     )
 
 
+def _user_sizes(opts: ExportOptions) -> list[tuple[str, int]]:
+    return [(label, v) for label, v in (("height", opts.height), ("width", opts.width), ("min-size", opts.min_size),
+                                        ("max-size", opts.max_size)) if v is not None]
+
+
+def check_options(opts: ExportOptions) -> None:
+    """Reject bad options before anything is loaded (the model-specific size multiple is checked
+    by :func:`shape_ranges` once the model is known)."""
+    unknown = [c for c in opts.components if c not in COMPONENTS]
+    if unknown:
+        raise LdmDeployError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    if not opts.components:
+        raise LdmDeployError("no component to export")
+    if opts.exporter not in OPSETS:
+        raise LdmDeployError(f"unknown exporter {opts.exporter!r} (choose {' or '.join(OPSETS)})")
+    lo, hi = OPSETS[opts.exporter]
+    if isinstance(opts.opset, bool) or not isinstance(opts.opset, int) or not lo <= opts.opset <= hi:
+        raise LdmDeployError(f"opset {opts.opset} is not supported by the {opts.exporter} exporter (choose {lo} to {hi})")
+    for label, v in _user_sizes(opts):
+        check_side_bounds(label, v)
+    if opts.min_size is not None and opts.max_size is not None and opts.min_size > opts.max_size:
+        raise LdmDeployError(f"min-size {opts.min_size} is larger than max-size {opts.max_size}")
+    check_batch_size("batch", opts.batch)
+    check_batch_size("max-batch", opts.max_batch)
+    if opts.max_batch < opts.batch:
+        raise LdmDeployError(f"batch {opts.batch} / max-batch {opts.max_batch}: need 1 <= batch <= max-batch")
+    resolve_attention(opts.attention, False, opts.fp16, opts.optimize)
+
+
 def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
     """Validate the user's sizes and build the artifact's shape ranges."""
-    h = opts.height or native
-    w = opts.width or native
-    for label, v in (("height", h), ("width", w), ("min-size", opts.min_size), ("max-size", opts.max_size)):
-        if v is not None:
-            check_image_side(label, v, size_multiple, vae_scale)
+    check_options(opts)
+    h = opts.height if opts.height is not None else native
+    w = opts.width if opts.width is not None else native
+    sizes = {"height": h, "width": w, **dict(_user_sizes(opts))}
+    for label, v in sizes.items():
+        check_image_side(label, v, size_multiple, vae_scale)
     lo = opts.min_size or max(size_multiple, (min(h, w) // 2) // size_multiple * size_multiple)
-    hi = opts.max_size or 2 * max(h, w)
-    if opts.batch < 1 or opts.max_batch < opts.batch:
-        raise LdmDeployError(f"batch {opts.batch} / max-batch {opts.max_batch}: need 1 <= batch <= max-batch")
+    hi = opts.max_size or max(min(2 * max(h, w), MAX_IMAGE_SIDE // size_multiple * size_multiple), h, w)
     try:
         return ShapeRanges(
             batch=(1, opts.batch, opts.max_batch),
@@ -127,6 +161,7 @@ def export_model(
 
     Raises :class:`ValidationError` (and leaves no artifact) when a component is out of tolerance.
     """
+    check_options(opts)  # before the heavy imports
     import torch
 
     from ..models import load_model
@@ -139,9 +174,6 @@ def export_model(
 
     _quiet_exporter_logs()
     log = _with_rss(log)
-    unknown = [c for c in opts.components if c not in COMPONENTS]
-    if unknown:
-        raise LdmDeployError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
     start = time.perf_counter()
     plan = plan_export(opts, torch.cuda.is_available())
     with ArtifactWriter(out, overwrite=overwrite) as writer:

@@ -163,17 +163,28 @@ def _load_pipeline_dir(path: Path, source: dict[str, Any], dtype: "torch.dtype",
     from transformers import CLIPTextModel
 
     check_pipeline_dir(path)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder", torch_dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise LdmDeployError(f"could not load the pipeline in {path}: {first_line(e, 1000)}") from None
+    unet, vae, text_encoder = (_load_part(cls, path, sub, dtype) for cls, sub in (
+        (UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder")))
     sched_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text()) if sched_file.is_file() else _default_scheduler()
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     return LoadedModel(source, text_encoder, unet, vae, path / "tokenizer", scheduler_config)
+
+
+def _load_part(cls: Any, path: Path, subfolder: str, dtype: "torch.dtype") -> Any:
+    """``cls.from_pretrained`` of one pipeline folder; a file it cannot load is one line."""
+    import pickle
+
+    try:
+        return cls.from_pretrained(str(path), subfolder=subfolder, torch_dtype=dtype)
+    except pickle.UnpicklingError:
+        raise LdmDeployError(
+            f"could not load the pipeline in {path}: {subfolder}/ holds pickle weights with more than tensors, which "
+            "torch.load(weights_only=True) refuses since they could run code; convert them to safetensors"
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as e:  # missing/corrupt weights, bad config
+        raise LdmDeployError(f"could not load the pipeline in {path} ({subfolder}/): {first_line(e, 1000)}") from None
 
 
 def _default_scheduler() -> dict[str, Any]:
