@@ -267,11 +267,11 @@ def assess(p: Plan, cal: Calibration, out_dir: Path, log: Log = lambda s: None) 
 def _copy_unquantized(p: Plan, out_dir: Path) -> None:
     for c, entry in p.art.components.items():
         if c not in p.components:
-            d = Path(entry["file"]).parent
-            shutil.copytree(p.art.path / d, out_dir / d)
+            d = Path(entry["file"]).parent.as_posix()
+            shutil.copytree(p.art.subdir(d), out_dir / d)
     for d in ("tokenizer", "scheduler"):
         if (p.art.path / d).is_dir():
-            shutil.copytree(p.art.path / d, out_dir / d)
+            shutil.copytree(p.art.subdir(d), out_dir / d)
 
 
 def _manifest_section(p: Plan, cal: Calibration, report: dict[str, Any], sens: dict[str, Any]) -> dict[str, Any]:

@@ -108,10 +108,11 @@ class Pipeline:
             limit_heap_retention()
         art = Artifact.open(path)
         wanted = [c for c in components if c in art.components or c != "vae_encoder"]
+        art.check_runtime(wanted)
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
         loaded = chosen.load(art, wanted, LoadOptions(threads=threads, low_memory=low_memory))
-        return cls(art, loaded, ClipTokenizer.from_dir(art.path / "tokenizer"))
+        return cls(art, loaded, ClipTokenizer.from_dir(art.subdir("tokenizer")))
 
     # --- the call ---------------------------------------------------------------------------
     def __call__(

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..errors import LdmDeployError, first_line
+
 
 def _token_str(value: object) -> str | None:
     """A special token as written in a transformers config: a string or an AddedToken dict."""
@@ -55,7 +57,13 @@ class ClipTokenizer:
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).is_file():
-                config.update(json.loads((path / name).read_text(encoding="utf-8")))
+                try:
+                    loaded = json.loads((path / name).read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise LdmDeployError(f"{path / name} is not valid JSON: {e}") from None
+                if not isinstance(loaded, dict):
+                    raise LdmDeployError(f"{path / name} is not a JSON object")
+                config.update(loaded)
         kwargs = {}
         for key in ("bos_token", "eos_token", "pad_token"):
             token = _token_str(config.get(key))
@@ -64,7 +72,17 @@ class ClipTokenizer:
         max_length = config.get("model_max_length", 77)
         if not isinstance(max_length, int) or max_length > 1_000_000:  # transformers writes 1e30 for "unset"
             max_length = 77
-        return cls(Tokenizer.from_file(str(path / "tokenizer.json")), max_length=max_length, **kwargs)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise LdmDeployError(f"tokenizer file {file} is missing")
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise LdmDeployError(f"{file} is not a valid tokenizers file: {first_line(e)}") from None
+        try:
+            return cls(tokenizer, max_length=max_length, **kwargs)
+        except ValueError as e:
+            raise LdmDeployError(f"{file}: {e}") from None
 
     def __call__(self, prompts: str | list[str]) -> np.ndarray:
         """Token ids, int32 of shape [len(prompts), max_length] (one row for a single string)."""
