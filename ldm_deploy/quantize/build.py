@@ -27,6 +27,7 @@ import onnx
 
 from ..artifact import MANIFEST, Artifact, ArtifactWriter, peak_rss_bytes, write_json
 from ..errors import LdmDeployError
+from ..runtime.sessions import check_threads
 from ..specs import COMPONENTS
 from .assess import compare_models, image_psnr
 from .calibration import CalibrationSet, collect_calibration
@@ -144,10 +145,12 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
     if opts.prompts is not None and not opts.prompts:
         raise LdmDeployError("the calibration prompt list is empty")
     rcp = recipe(opts.target, opts.quant_format, opts.attention_matmuls)
+    if not 0.0 < opts.percentile <= 100.0:
+        raise LdmDeployError(f"percentile {opts.percentile} is outside (0, 100]")
+    check_threads(opts.threads)
     if Path(out).absolute() == art.path.absolute():
         raise LdmDeployError("the output must differ from the source artifact")
-    if Path(out).exists() and not overwrite:
-        raise LdmDeployError(f"output {out} already exists (pass --overwrite to replace it)")
+    ArtifactWriter(out, overwrite=overwrite)  # refuses an existing or unwritable output before any work
 
     patterns = exclusion_patterns([], opts.default_exclusions, opts.quantize_cross_kv)
     structures = {c: load_structure(art.model_file(c)) for c in comps}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..artifact import check_output_path
 from ..errors import LdmDeployError, cli_entry
 from .backends import BACKENDS
 
@@ -48,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import Pipeline
 
+    check_output_path(args.output)  # before any work: not under a regular file, writable
     init = None
     if args.image is not None:
         if not args.image.is_file():
             raise LdmDeployError(f"init image {args.image} does not exist")
         try:
-            init = Image.open(args.image).convert("RGB")
-        except OSError as e:
+            init = Image.open(args.image)
+            init.load()  # float ("F") images stay as they are: the pipeline checks their pixels
+        except (OSError, ValueError) as e:
             raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
     components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ())
     pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
@@ -77,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = [args.output] if len(out.images) == 1 else [
         args.output.with_name(f"{args.output.stem}_{i}{args.output.suffix or '.png'}") for i in range(len(out.images))
     ]
-    for im, path in zip(out.images, paths):
-        tmp = path.with_name(f".{path.name}.tmp")
-        im.save(tmp, format="PNG")
-        tmp.replace(path)
+    tmps = [path.with_name(f".{path.name}.tmp") for path in paths]
+    try:  # all images or none: a failed write (a full disk) leaves no output behind
+        for im, tmp in zip(out.images, tmps):
+            im.save(tmp, format="PNG")
+        for tmp, path in zip(tmps, paths):
+            tmp.replace(path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     t = out.timings
     print(f"wrote {', '.join(map(str, paths))} ({out.steps} steps, U-Net {t['unet']:.2f} s, "
           f"total {sum(t.values()):.2f} s)")

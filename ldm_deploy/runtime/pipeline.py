@@ -19,7 +19,7 @@ from ..errors import LdmDeployError
 from ..specs import ShapeRanges
 from .backends import LoadOptions, get_backend
 from .components import Component
-from .image import to_model_image, to_pil
+from .image import check_image, to_model_image, to_pil
 from .memory import limit_heap_retention, release_free_heap
 from .scheduler import DDIMScheduler
 from .tokenizer import ClipTokenizer
@@ -135,13 +135,11 @@ class Pipeline:
     ) -> GenerationOutput:
         """Text-to-image, or image-to-image when ``image`` is given. ``observer`` sees every
         component's inputs and every step (:class:`PipelineObserver`)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if image is not None:
-            image_h, image_w = image_size(image)
-            height, width = height or image_h, width or image_w
-        height, width = height or self.default_size[0], width or self.default_size[1]
+        prompts = _prompt_list(prompt, "prompt")
+        image_h, image_w = image_size(image) if image is not None else self.default_size
+        height, width = image_h if height is None else height, image_w if width is None else width
         self._check_args(prompts, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-                         strength, image, output_type, eta)
+                         strength, image, output_type, eta, seed, negative_prompt)
         obs = observer or _NO_OBSERVER
         rng = np.random.default_rng(seed)
         cfg = guidance_scale > 1.0
@@ -263,18 +261,23 @@ class Pipeline:
         observer.on_component(name, inputs)
         return self.components[name](**inputs)
 
-    def _check_args(self, prompts, steps, guidance, height, width, num_images, strength, image, output_type, eta):  # type: ignore[no-untyped-def]
+    def _check_args(self, prompts, steps, guidance, height, width, num_images, strength, image, output_type, eta,  # type: ignore[no-untyped-def]
+                    seed=None, negative_prompt=None):
         if not prompts:
             raise LdmDeployError("prompt list is empty")
-        if int(steps) != steps or steps < 1:
-            raise LdmDeployError(f"num_inference_steps must be an integer >= 1, got {steps}")
-        if not np.isfinite(guidance) or guidance < 0:
+        _broadcast(negative_prompt, len(prompts), "negative_prompt")
+        max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        if not (_is_int(steps) or isinstance(steps, float) and steps.is_integer()) or not 1 <= steps <= max_steps:
+            raise LdmDeployError(f"num_inference_steps must be an integer in [1, {max_steps}], got {steps!r}")
+        if not _is_real(guidance) or guidance < 0:
             raise LdmDeployError(f"guidance_scale must be >= 0, got {guidance}")
-        if eta < 0:
-            raise LdmDeployError(f"eta must be >= 0, got {eta}")
-        if num_images < 1:
-            raise LdmDeployError(f"num_images_per_prompt must be >= 1, got {num_images}")
-        if image is not None and not 0.0 < strength <= 1.0:
+        if not _is_real(eta) or not 0.0 <= eta <= 1.0:
+            raise LdmDeployError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+        if not _is_int(num_images) or num_images < 1:
+            raise LdmDeployError(f"num_images_per_prompt must be an integer >= 1, got {num_images!r}")
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise LdmDeployError(f"seed must be a non-negative integer (or None for a random one), got {seed!r}")
+        if image is not None and not (_is_real(strength) and 0.0 < strength <= 1.0):
             raise LdmDeployError(f"strength must be in (0, 1], got {strength}")
         if output_type not in ("pil", "np"):
             raise LdmDeployError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -284,18 +287,44 @@ class Pipeline:
 
 def image_size(image: Any) -> tuple[int, int]:
     """(height, width) of a PIL image or HxWxC array, rounded down to a multiple of 8."""
-    w, h = image.size if hasattr(image, "size") and not isinstance(image, np.ndarray) else (image.shape[-2], image.shape[-3])
+    h, w = check_image(image)
     return (h // 8 * 8, w // 8 * 8)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _prompt_list(value: Any, label: str) -> list[str]:
+    """A prompt or a list of prompts as a list of strings that encode as UTF-8 (argv bytes that are
+    not UTF-8 arrive as lone surrogates); one clear line otherwise."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        got = type(value).__name__ if not isinstance(items, (list, tuple)) else "a list with non-strings"
+        raise LdmDeployError(f"{label} must be a string or a list of strings, got {got}")
+    for i, p in enumerate(items):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = f" {i}" if len(items) > 1 else ""
+            raise LdmDeployError(f"{label}{where} is not valid UTF-8 text (an undecodable byte or lone surrogate at "
+                                 f"character {e.start})") from None
+    return list(items)
 
 
 def _broadcast(value: str | list[str] | None, n: int, label: str) -> list[str]:
     if value is None:
         return [""] * n
+    values = _prompt_list(value, label)
     if isinstance(value, str):
-        return [value] * n
-    if len(value) != n:
-        raise LdmDeployError(f"{label} has {len(value)} entries for {n} prompts")
-    return list(value)
+        return values * n
+    if len(values) != n:
+        raise LdmDeployError(f"{label} has {len(values)} entries for {n} prompts")
+    return values
 
 
 def _progress_bar(progress: bool | Callable[[int, int], None], total: int) -> Callable[[int], None]:

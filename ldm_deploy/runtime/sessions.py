@@ -52,6 +52,12 @@ def resolve_provider(name: str) -> str:
     return PROVIDERS.get(name.lower(), name)
 
 
+def check_threads(threads: int) -> None:
+    """Intra-op threads: 0 (all cores) or a positive count; one clear line otherwise."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise LdmDeployError(f"threads must be 0 (all cores) or a positive number, got {threads!r}")
+
+
 def session_options(threads: int = 0, low_memory: bool = False, optimization: str = "all") -> ort.SessionOptions:
     """Session options for large diffusion graphs.
 
@@ -66,6 +72,7 @@ def session_options(threads: int = 0, low_memory: bool = False, optimization: st
     ``optimization="basic"`` keeps every named tensor of the graph (the fused kernels of the full
     level may drop or rename tensors that INT8 range collection reads).
     """
+    check_threads(threads)
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -91,9 +98,9 @@ def make_session(
     a file ONNX Runtime cannot load is one :class:`LdmDeployError` line."""
     full = resolve_provider(provider)
     providers = [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+    options = session_options(threads, low_memory, optimization)
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, low_memory, optimization),
-                                    providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise LdmDeployError(f"could not load {path} in ONNX Runtime ({full}): {first_line(e, 300)}") from None
 
