@@ -1,4 +1,5 @@
-"""Torch-free runtime: DDIM + classifier-free guidance over an artifact's ONNX graphs.
+"""Torch-free runtime: numpy schedulers (DDIM, DPM-Solver++ 2M, Euler, Euler-ancestral) + classifier-free
+guidance over an artifact's ONNX graphs.
 
 Imports only numpy, onnxruntime, tokenizers and Pillow::
 
@@ -9,9 +10,12 @@ Imports only numpy, onnxruntime, tokenizers and Pillow::
 
 from .backends import BACKENDS
 from .components import Component
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .pipeline import GenerationOutput, Pipeline, PipelineObserver, StepInfo
-from .scheduler import DDIMScheduler
+from .scheduler import SCHEDULERS, DDIMScheduler, make_scheduler
 from .tokenizer import ClipTokenizer
 
 __all__ = ["Pipeline", "GenerationOutput", "PipelineObserver", "StepInfo", "Component", "BACKENDS",
-           "DDIMScheduler", "ClipTokenizer"]
+           "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+           "SCHEDULERS", "make_scheduler", "ClipTokenizer"]

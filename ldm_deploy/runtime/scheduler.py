@@ -1,31 +1,18 @@
-"""DDIM scheduler in numpy, numerically matching `diffusers.DDIMScheduler` (no torch needed)."""
+"""DDIM scheduler in numpy, numerically matching `diffusers.DDIMScheduler` (no torch needed), and the registry
+of the runtime's schedulers (:data:`SCHEDULERS`, :func:`make_scheduler`)."""
 
 from __future__ import annotations
 
-import inspect
-import math
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-_SPACINGS = ("leading", "trailing", "linspace")
+from ..errors import LdmDeployError
+from .dpm_solver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .sigmas import SPACINGS, config_kwargs, cumulative_alphas, img2img_start, make_betas, spaced_timesteps
+
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """Glide's "squaredcos_cap_v2" schedule: betas from alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2) ** 2."""
-    t = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
-    alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR (arXiv:2305.08891, algorithm 1)."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    alpha_bar = sqrt_ab**2
-    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1.0 - alphas
 
 
 class DDIMScheduler:
@@ -38,6 +25,7 @@ class DDIMScheduler:
 
     init_noise_sigma: float = 1.0
     order: int = 1
+    stochastic: bool = False  # draws noise only with eta > 0, which the caller decides
 
     def __init__(
         self,
@@ -61,28 +49,10 @@ class DDIMScheduler:
             raise ValueError("thresholding=True is not supported (dynamic thresholding is for pixel-space models)")
         if prediction_type not in _PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {_PREDICTION_TYPES}, got {prediction_type!r}")
-        if timestep_spacing not in _SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
-
-        if trained_betas is not None:
-            betas = np.asarray(trained_betas, dtype=np.float64)
-            if betas.shape != (num_train_timesteps,):
-                raise ValueError(f"trained_betas must have shape ({num_train_timesteps},), got {betas.shape}")
-        elif beta_schedule == "linear":
-            betas = np.linspace(beta_start, beta_end, num_train_timesteps)
-        elif beta_schedule == "scaled_linear":
-            betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
-        elif beta_schedule == "squaredcos_cap_v2":
-            betas = _cosine_betas(num_train_timesteps)
-        else:
-            raise ValueError(
-                f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2', got {beta_schedule!r}"
-            )
-        betas = betas.astype(np.float32)
-        if rescale_betas_zero_snr:
-            betas = _rescale_zero_terminal_snr(betas.astype(np.float64)).astype(np.float32)
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+        betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                           rescale_betas_zero_snr)
 
         self.num_train_timesteps = int(num_train_timesteps)
         self.clip_sample = bool(clip_sample)
@@ -93,8 +63,7 @@ class DDIMScheduler:
 
         self.betas = betas
         self.alphas = (1.0 - betas).astype(np.float32)
-        # Products accumulate in float64 and are stored in float32, exactly as torch.cumprod does on float32.
-        self.alphas_cumprod = np.cumprod(self.alphas.astype(np.float64)).astype(np.float32)
+        self.alphas_cumprod = cumulative_alphas(betas)
         # The last step has no "previous" alpha product: use 1 (a clean sample) or the product at t=0.
         self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self.alphas_cumprod[0])
 
@@ -104,26 +73,24 @@ class DDIMScheduler:
     @classmethod
     def from_config(cls, config: dict) -> "DDIMScheduler":
         """Build from a diffusers `scheduler_config.json` dict; keys this class does not know are ignored."""
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        return cls(**{k: v for k, v in config.items() if k in known})
+        return cls(**config_kwargs(config, cls.__init__))
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the `num_inference_steps` timesteps (descending, int64) to sample with."""
         n, T = int(num_inference_steps), self.num_train_timesteps
         if n < 1 or n > T:
             raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
-        if self.timestep_spacing == "linspace":
-            timesteps = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            timesteps = np.arange(n, dtype=np.int64)[::-1] * (T // n) + self.steps_offset
-        else:  # trailing
-            timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        timesteps = spaced_timesteps(self.timestep_spacing, n, T, self.steps_offset).round().astype(np.int64)
         if timesteps.max() >= T or timesteps.min() < 0:
             raise ValueError(
                 f"steps_offset={self.steps_offset} with {n} steps gives timesteps outside [0, {T - 1}]: {timesteps}"
             )
         self.num_inference_steps = n
         self.timesteps = np.ascontiguousarray(timesteps)
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float | None = None) -> np.ndarray:
+        """DDIM feeds the model the sample as it is."""
+        return sample
 
     def _alpha_prod(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
@@ -198,12 +165,54 @@ class DDIMScheduler:
 
         The first returned timestep is the one to `add_noise` the encoded image at.
         """
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        start = img2img_start(int(num_inference_steps), strength)
         self.set_timesteps(num_inference_steps)
-        n = self.num_inference_steps
-        init_steps = min(int(n * strength), n)
-        return self.timesteps[max(n - init_steps, 0) * self.order :]
+        return self.timesteps[start * self.order :]
 
     def __len__(self) -> int:
         return self.num_train_timesteps
+
+
+class Scheduler(Protocol):
+    """What the sampling loop uses of a scheduler (DDIM, DPM-Solver++ 2M, Euler, Euler ancestral)."""
+
+    order: int
+    init_noise_sigma: float
+    stochastic: bool  # draws noise in `step` (from its `generator`)
+    timesteps: np.ndarray
+
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray: ...
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, **kwargs: Any) -> np.ndarray: ...
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray: ...
+
+    def img2img_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray: ...
+
+
+def _dpm(karras: bool) -> Callable[[dict], Scheduler]:
+    settings = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": karras}
+    return lambda config: DPMSolverMultistepScheduler.from_config({**config, **settings})
+
+
+#: Sampler names -> factories taking a diffusers scheduler config (as `X.from_config(config)` does).
+SCHEDULERS: dict[str, Callable[[dict], Scheduler]] = {
+    "ddim": DDIMScheduler.from_config,
+    "dpm++2m": _dpm(karras=False),
+    "dpm++2m-karras": _dpm(karras=True),
+    "euler": EulerDiscreteScheduler.from_config,
+    "euler-a": EulerAncestralDiscreteScheduler.from_config,
+}
+
+
+def make_scheduler(name: str, config: dict) -> Scheduler:
+    """The scheduler `name` (a key of :data:`SCHEDULERS`) built from a diffusers scheduler config dict."""
+    factory = SCHEDULERS.get(name) if isinstance(name, str) else None
+    if factory is None:
+        raise LdmDeployError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    try:
+        return factory(config)
+    except (TypeError, ValueError) as e:
+        raise LdmDeployError(f"scheduler {name!r} cannot use this scheduler config: {e}") from None
