@@ -18,6 +18,11 @@ axis              meaning                                                    use
 ================  =========================================================  ================
 
 The token sequence length is static (77 for CLIP).
+
+With feature caching (DeepCache, arXiv:2312.00858; ``ldm-export --deepcache``) the U-Net is two
+graphs from the same weights: ``unet`` also outputs ``cache_feature`` (the hidden state entering
+the last layers of the last up block) and ``unet_shallow`` (the first layers of the first down
+block and those last up layers) takes it as an input. Both are declared here like the others.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ Dim = Union[int, str]
 
 AXES = ("batch", "unet_batch", "height", "width", "image_height", "image_width")
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+#: Graphs that exist only with an export option (``unet_shallow``: ``--deepcache``).
+OPTIONAL_COMPONENTS = ("unet_shallow",)
 
 # "float" follows the artifact's I/O precision (float32, or float16 for fp16 I/O).
 FLOAT = "float"
@@ -99,10 +106,24 @@ class ModelDims:
         return self.vae_scale * self.unet_factor
 
 
-def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
-    """The four SD components' I/O, with this model's static sizes filled in."""
+@dataclass(frozen=True)
+class DeepCacheDims:
+    """Where the U-Net is split for feature caching.
+
+    ``depth``: layers of the first down block the shallow graph runs (1 .. layers per block); the
+    shallow graph then runs the last ``depth + 1`` layers of the last up block, and the cached
+    feature is the hidden state entering the first of those (``channels`` wide, at the latent
+    resolution)."""
+
+    depth: int
+    channels: int
+
+
+def component_specs(dims: ModelDims, deepcache: DeepCacheDims | None = None) -> dict[str, ComponentSpec]:
+    """The SD components' I/O, with this model's static sizes filled in (and the two U-Net graphs
+    of feature caching when ``deepcache`` is given)."""
     c, s, d = dims.latent_channels, dims.seq_len, dims.text_hidden
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", "int32", ("batch", s)),),
@@ -129,6 +150,12 @@ def component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec("image", FLOAT, ("batch", dims.image_channels, "image_height", "image_width")),),
         ),
     }
+    if deepcache is not None:
+        unet = specs["unet"]
+        feature = TensorSpec("cache_feature", FLOAT, ("unet_batch", deepcache.channels, "height", "width"))
+        specs["unet"] = ComponentSpec("unet", unet.inputs, unet.outputs + (feature,))
+        specs["unet_shallow"] = ComponentSpec("unet_shallow", unet.inputs + (feature,), unet.outputs)
+    return specs
 
 
 #: The largest image side (pixels) any stage accepts: 8x SD1.5's native 512, a latent of 512x512.

@@ -23,7 +23,7 @@ from ..specs import (
 
 # Exported first: the U-Net is the largest, so its torch weights are freed before the others'
 # sessions are built.
-EXPORT_ORDER = ("unet", "text_encoder", "vae_encoder", "vae_decoder")
+EXPORT_ORDER = ("unet", "unet_shallow", "text_encoder", "vae_encoder", "vae_decoder")
 #: ONNX opsets each torch.onnx exporter can write these graphs at: from 14 (the first with
 #: scaled_dot_product_attention) and from 18 for torch.export, to the newest the exporter knows.
 OPSETS = {"torchscript": (14, 20), "dynamo": (18, 23)}
@@ -46,6 +46,7 @@ class ExportOptions:
     native_fp16: bool | None = None  # None: use a fp16 torch model when CUDA is available
     exporter: str = "torchscript"  # or "dynamo"
     attention: str = "auto"  # "mha" (ORT fused), "sliced" (per-head self-attention), "full", or "auto"
+    deepcache: int | None = None  # feature caching: the shallow graph's depth (None: one plain U-Net graph)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ def check_options(opts: ExportOptions) -> None:
     if opts.max_batch < opts.batch:
         raise LdmDeployError(f"batch {opts.batch} / max-batch {opts.max_batch}: need 1 <= batch <= max-batch")
     resolve_attention(opts.attention, False, opts.fp16, opts.optimize)
+    if opts.deepcache is not None:
+        if isinstance(opts.deepcache, bool) or not isinstance(opts.deepcache, int) or opts.deepcache < 1:
+            raise LdmDeployError(f"--deepcache depth must be a positive integer, got {opts.deepcache!r}")
+        if "unet" not in opts.components:
+            raise LdmDeployError("--deepcache splits the U-Net: include unet in --components")
 
 
 def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
@@ -166,6 +172,7 @@ def export_model(
 
     from ..models import load_model
     from .attention import set_export_attention
+    from .deepcache import deepcache_dims
     from .fp16 import convert_to_fp16
     from .onnx_export import export_component, trace_sizes
     from .optimize import optimize
@@ -182,27 +189,34 @@ def export_model(
         dims = model.dims()
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
         ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
-        specs = component_specs(dims)
+        deepcache = deepcache_dims(model.unet, opts.deepcache) if opts.deepcache else None
+        specs = component_specs(dims, deepcache)
         if plan.attention in ("sliced", "mha"):
             set_export_attention(model.unet, plan.attention)
         scratch = writer.path / ".scratch"
         components: dict[str, Any] = {}
         validation: dict[str, Any] = {}
-        order = [c for c in EXPORT_ORDER if c in opts.components]
+        order = [c for c in EXPORT_ORDER if c in opts.components or (c == "unet_shallow" and deepcache)]
+        feature: np.ndarray | None = None  # the full graph's cached feature at the validation inputs
         for i, name in enumerate(order, 1):
             t0 = time.perf_counter()
             spec = specs[name]
-            module = component_module(name, model)
+            module = component_module(name, model, opts.deepcache)
             final = writer.path / name / "model.onnx"
             steps = plan.steps
             paths = [final if j == len(steps) - 1 else scratch / name / f"{s}.onnx" for j, s in enumerate(steps)]
             val_inputs = example_inputs(spec, ranges.sizes("opt"), plan.io_dtype, seed=1)
+            if name == "unet_shallow" and feature is not None:  # validate on the feature it will be given
+                val_inputs["cache_feature"] = feature.astype(val_inputs["cache_feature"].dtype)
             reference = _torch_forward(module, spec, val_inputs) if opts.validate else None
+            if name == "unet" and deepcache and reference is not None:
+                feature = reference[1]
             log(f"[{i}/{len(order)}] {name}: exporting")
             export_component(module, spec, example_inputs(spec, trace_sizes(ranges, dims.unet_factor)), ranges,
                              dims.unet_factor, paths[0], opset=opts.opset, exporter=opts.exporter)
             # The torch weights are no longer needed: free them before ONNX Runtime loads the graph.
-            _release(model, name)
+            if not (name == "unet" and deepcache):  # the shallow graph still needs the U-Net
+                _release(model, "unet" if name == "unet_shallow" else name)
             del module
             release_memory()
             for j, step in enumerate(steps[1:], 1):
@@ -215,7 +229,8 @@ def export_model(
             shutil.rmtree(scratch / name, ignore_errors=True)
             if reference is not None:
                 log(f"[{i}/{len(order)}] {name}: validating against PyTorch at {_fmt_shapes(val_inputs)}")
-                validation[name] = _validate(name, final, val_inputs, reference, plan.precision, opts.optimize)
+                validation[name] = _validate(name, final, val_inputs, reference, plan.precision, opts.optimize,
+                                             spec.output_names)
                 _report_line(validation[name], log)
             else:
                 validation[name] = {"component": name, "status": "skipped", "how": "--no-validate"}
@@ -245,6 +260,8 @@ def export_model(
                 "attention": plan.attention,
                 "exporter": opts.exporter,
                 "model_dims": dims.__dict__,
+                "deepcache": None if deepcache is None else {**deepcache.__dict__, "full": "unet",
+                                                              "shallow": "unet_shallow"},
                 "shape_ranges": ranges.to_dict(),
                 "components": components,
                 "validation": validation,
@@ -294,18 +311,22 @@ class _Config:
         self.config = config
 
 
-def _torch_forward(module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _torch_forward(module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """The module's outputs (one per spec output) on ``inputs``."""
     import torch
 
     param = next(module.parameters())
     args = [torch.from_numpy(inputs[n]).to(param.device) for n in spec.input_names]
     args = [a.to(param.dtype) if a.is_floating_point() else a for a in args]
     with torch.no_grad():
-        return module(*args).float().cpu().numpy()
+        out = module(*args)
+    return [o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: np.ndarray, precision: str,
-              optimize_target: str | None) -> dict[str, Any]:
+def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: list[np.ndarray], precision: str,
+              optimize_target: str | None, output_names: list[str]) -> dict[str, Any]:
+    """Every output against its torch reference; the report is the first output's, with the
+    others under ``other_outputs`` (any failure fails the component)."""
     import onnxruntime as ort
 
     from ..runtime.sessions import make_session, run_session
@@ -319,9 +340,18 @@ def _validate(name: str, path: Path, inputs: dict[str, np.ndarray], reference: n
     how = f"onnxruntime {ort.__version__} {session.get_providers()[0]}"
     if precision == "fp16" and provider == "cpu":
         how += " (fp16 graph; ops without fp16 CPU kernels run in fp32 behind inserted casts)"
-    result = validate(name, lambda x, s=session: run_session(s, x)[0], reference, inputs, precision, how)
+    outputs = run_session(session, inputs)
     del session
     release_memory()
+    results = [validate(name, lambda x, o=o: o, ref, inputs, precision, how) for o, ref in zip(outputs, reference)]
+    result = results[0]
+    if len(results) > 1:
+        result["other_outputs"] = {n: {k: r[k] for k in ("max_abs", "max_rel", "cosine", "problems")}
+                                   for n, r in zip(output_names[1:], results[1:])}
+        extra = [f"{n}: {p}" for n, r in zip(output_names[1:], results[1:]) for p in r["problems"]]
+        if extra:
+            result["problems"] = result["problems"] + extra
+            result["status"] = "failed"
     return result
 
 

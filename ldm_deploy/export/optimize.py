@@ -16,7 +16,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 TARGETS = ("cpu", "cuda", "tensorrt")
-_ORT_MODEL_TYPES = {"unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae", "text_encoder": "clip"}
+_ORT_MODEL_TYPES = {"unet": "unet", "unet_shallow": "unet", "vae_encoder": "vae", "vae_decoder": "vae", "text_encoder": "clip"}
 
 
 def optimize_portable(src: Path, dst: Path, external_data: bool) -> Path:

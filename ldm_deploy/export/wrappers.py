@@ -53,10 +53,17 @@ class VaeDecoder(nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
-def component_module(name: str, model) -> nn.Module:  # type: ignore[no-untyped-def]
-    """The wrapper of component ``name`` over a ``LoadedModel``."""
+def component_module(name: str, model, deepcache_depth: int | None = None) -> nn.Module:  # type: ignore[no-untyped-def]
+    """The wrapper of component ``name`` over a ``LoadedModel``; with ``deepcache_depth`` the U-Net
+    is the full graph of feature caching and ``unet_shallow`` its shallow graph."""
+    from .deepcache import DeepCacheFull, DeepCacheShallow
+
     if name == "text_encoder":
         return TextEncoder(model.text_encoder).eval()
+    if name == "unet" and deepcache_depth:
+        return DeepCacheFull(model.unet, deepcache_depth).eval()
+    if name == "unet_shallow" and deepcache_depth:
+        return DeepCacheShallow(model.unet, deepcache_depth).eval()
     if name == "unet":
         return UNet(model.unet).eval()
     if name == "vae_encoder":
