@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..artifact import check_output_path
+from ..artifact import Artifact, check_output_path
 from ..errors import LdmDeployError, cli_entry
 from .backends import BACKENDS
+from .feature_cache import check_cache_interval
+from .presets import describe_preset, resolve_sampling
+from .scheduler import SCHEDULERS, make_scheduler
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ldm-generate",
-        description="Generate images from an ldm-deploy artifact (DDIM + classifier-free guidance "
-        "on ONNX Runtime or TensorRT, no PyTorch).",
+        description="Generate images from an ldm-deploy artifact (DDIM, DPM-Solver++ or Euler sampling with "
+        "classifier-free guidance on ONNX Runtime or TensorRT, no PyTorch).",
         epilog='example: ldm-generate tiny-onnx/ "a small red circle on a blue background, top left" -o out.png',
     )
     p.add_argument("artifact", type=Path, help="artifact directory written by ldm-export / ldm-quantize")
@@ -22,13 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"),
                    help="output PNG; with several images, _0, _1, ... are appended (default out.png)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; --fast: its preset)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it (default 7.5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="image height (default: the artifact's export size)")
     p.add_argument("--width", type=int, help="image width (default: the artifact's export size)")
     p.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--scheduler", default=None, metavar="NAME",
+                   help=f"sampler: {', '.join(SCHEDULERS)} (default ddim)")
+    p.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                   help="feature caching (DeepCache; artifacts exported with --deepcache): the full U-Net every N-th "
+                   "step, its shallow graph in between (default 1: off)")
+    p.add_argument("--fast", action="store_true",
+                   help="the measured best quality per second: " + describe_preset("fast")
+                   + " (explicit --scheduler/--steps/--cache-interval win)"),
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; ddim only)")
     p.add_argument("--image", type=Path, help="init image for img2img")
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
     p.add_argument("--backend", default="ort-cpu", choices=list(BACKENDS), metavar="NAME",
@@ -50,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import Pipeline
 
     check_output_path(args.output)  # before any work: not under a regular file, writable
+    has_deepcache = "unet_shallow" in Artifact.open(args.artifact).components
+    sampling = resolve_sampling("fast" if args.fast else None, args.scheduler, args.steps, args.cache_interval,
+                                has_deepcache)
+    # an unknown scheduler or an interval the artifact cannot run fails here, before loading the graphs
+    make_scheduler(sampling.scheduler, {})
+    if not has_deepcache:
+        check_cache_interval(sampling.cache_interval, {}, has_graph=False)
     init = None
     if args.image is not None:
         if not args.image.is_file():
@@ -59,19 +77,22 @@ def main(argv: list[str] | None = None) -> int:
             init.load()  # float ("F") images stay as they are: the pipeline checks their pixels
         except (OSError, ValueError) as e:
             raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
-    components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ())
+    components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ()) + (
+        ("unet_shallow",) if sampling.cache_interval > 1 else ())
     pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
                          components=components, low_memory=args.low_memory)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative,
-        num_inference_steps=args.steps,
+        num_inference_steps=sampling.steps,
         guidance_scale=args.guidance,
         height=args.height,
         width=args.width,
         num_images_per_prompt=args.num_images,
         seed=args.seed,
         eta=args.eta,
+        scheduler=sampling.scheduler,
+        cache_interval=sampling.cache_interval,
         image=init,
         strength=args.strength,
         progress=not args.quiet,
@@ -90,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
     t = out.timings
-    print(f"wrote {', '.join(map(str, paths))} ({out.steps} steps, U-Net {t['unet']:.2f} s, "
+    caching = f", full U-Net every {sampling.cache_interval}" if sampling.cache_interval > 1 else ""
+    print(f"wrote {', '.join(map(str, paths))} ({out.steps} {sampling.scheduler} steps{caching}, U-Net {t['unet']:.2f} s, "
           f"total {sum(t.values()):.2f} s)")
     return 0
 

@@ -16,9 +16,12 @@ from .sessions import GPU_PROVIDERS, cast_feeds, input_types, make_session
 
 class Binding(Protocol):
     """A component with some inputs fixed for a series of calls (the sampling loop's text
-    context): ``run`` takes the remaining inputs and returns the first output as float32."""
+    context): ``run`` takes the remaining inputs and returns the first output as float32;
+    ``run_all`` returns every output of the spec, in its order."""
 
     def run(self, **inputs: np.ndarray) -> np.ndarray: ...
+
+    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]: ...
 
 
 @runtime_checkable
@@ -78,9 +81,15 @@ class HostBinding:
         self.constants = constants
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
+        return self._run(self.component.spec.output_names[:1], inputs)[0]
+
+    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        return self._run(self.component.spec.output_names, inputs)
+
+    def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         c = self.component
         feeds = {**self.constants, **c.cast(inputs)}
-        return c.session.run([c.spec.output_names[0]], feeds)[0].astype(np.float32, copy=False)
+        return [o.astype(np.float32, copy=False) for o in c.session.run(names, feeds)]
 
 
 class DeviceBinding:
@@ -96,9 +105,17 @@ class DeviceBinding:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
+        return self._run(self.component.spec.output_names[:1], inputs)[0]
+
+    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        return self._run(self.component.spec.output_names, inputs)
+
+    def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         c = self.component
         for name, value in c.cast(inputs).items():
             self.binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-        self.binding.bind_output(c.spec.output_names[0], "cuda", 0)
+        self.binding.clear_binding_outputs()
+        for name in names:
+            self.binding.bind_output(name, "cuda", 0)
         c.session.run_with_iobinding(self.binding)
-        return self.binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+        return [o.astype(np.float32, copy=False) for o in self.binding.copy_outputs_to_cpu()]

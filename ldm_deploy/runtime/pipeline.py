@@ -1,4 +1,5 @@
-"""Text-to-image and image-to-image with DDIM + classifier-free guidance over exported graphs.
+"""Text-to-image and image-to-image with a numpy scheduler (DDIM, DPM-Solver++, Euler) + classifier-free
+guidance over exported graphs.
 
 Torch-free: numpy, ONNX Runtime, tokenizers and Pillow. One ``Pipeline`` may be shared by
 threads: every call keeps its own scheduler, random generator, buffers and observer; nothing in
@@ -21,7 +22,8 @@ from .backends import LoadOptions, get_backend
 from .components import Component
 from .image import check_image, to_model_image, to_pil
 from .memory import limit_heap_retention, release_free_heap
-from .scheduler import DDIMScheduler
+from .feature_cache import CachedUNet, check_cache_interval
+from .scheduler import make_scheduler
 from .tokenizer import ClipTokenizer
 
 
@@ -42,9 +44,11 @@ class StepInfo:
     index: int  # 0-based step number
     total: int  # steps in this call
     timestep: float
-    unet_inputs: Mapping[str, np.ndarray]  # exactly what the U-Net was given
+    unet_inputs: Mapping[str, np.ndarray]  # exactly what the U-Net graph was given
     noise_pred: np.ndarray  # after classifier-free guidance
     latents: np.ndarray  # after the scheduler step
+    graph: str = "unet"  # the U-Net graph that ran: "unet" or (feature caching) "unet_shallow"
+    cache_feature: np.ndarray | None = None  # the feature a full step of a --deepcache artifact produced
 
 
 class PipelineObserver:
@@ -60,6 +64,7 @@ class PipelineObserver:
 
 
 _NO_OBSERVER = PipelineObserver()
+_OPTIONAL = ("vae_encoder", "unet_shallow")  # loaded only where the artifact has them
 
 
 class Pipeline:
@@ -90,14 +95,15 @@ class Pipeline:
         backend: str = "ort-cpu",
         threads: int = 0,
         verify: bool = True,
-        components: Sequence[str] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+        components: Sequence[str] = ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"),
         low_memory: bool = False,
     ) -> "Pipeline":
         """Open an artifact and load its components on ``backend`` (see :data:`.backends.BACKENDS`:
         ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``tensorrt``).
 
         ``verify`` checks every file of the loaded components against the manifest's sha256.
-        ``vae_encoder`` is loaded only if the artifact has it (img2img needs it).
+        ``vae_encoder`` (img2img) and ``unet_shallow`` (feature caching) are loaded only if the
+        artifact has them.
         ``threads``: ONNX Runtime intra-op threads (0: all cores).
         ``low_memory``: ONNX Runtime sessions without the CPU memory arena, and freed activation
         memory returned to the OS promptly (:mod:`ldm_deploy.runtime.memory`, a process-wide glibc
@@ -107,7 +113,7 @@ class Pipeline:
         if low_memory:
             limit_heap_retention()
         art = Artifact.open(path)
-        wanted = [c for c in components if c in art.components or c != "vae_encoder"]
+        wanted = [c for c in components if c in art.components or c not in _OPTIONAL]
         art.check_runtime(wanted)
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
@@ -132,14 +138,21 @@ class Pipeline:
         output_type: str = "pil",
         progress: bool | Callable[[int, int], None] = False,
         observer: PipelineObserver | None = None,
+        scheduler: str = "ddim",
+        cache_interval: int = 1,
     ) -> GenerationOutput:
-        """Text-to-image, or image-to-image when ``image`` is given. ``observer`` sees every
+        """Text-to-image, or image-to-image when ``image`` is given. ``scheduler``: a name of
+        :data:`.scheduler.SCHEDULERS` (``eta`` is DDIM's alone). ``cache_interval`` N > 1: feature
+        caching (DeepCache, artifacts exported with ``--deepcache``): the full U-Net every N-th
+        step, the shallow graph on its cached feature in between. ``observer`` sees every
         component's inputs and every step (:class:`PipelineObserver`)."""
         prompts = _prompt_list(prompt, "prompt")
         image_h, image_w = image_size(image) if image is not None else self.default_size
         height, width = image_h if height is None else height, image_w if width is None else width
+        sampler = make_scheduler(scheduler, self.scheduler_config)  # an unknown name: one clear line
         self._check_args(prompts, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-                         strength, image, output_type, eta, seed, negative_prompt)
+                         strength, image, output_type, eta, seed, negative_prompt, scheduler)
+        check_cache_interval(cache_interval, self.components, "unet_shallow" in self.artifact.components)
         obs = observer or _NO_OBSERVER
         rng = np.random.default_rng(seed)
         cfg = guidance_scale > 1.0
@@ -149,16 +162,15 @@ class Pipeline:
         context = self.encode(prompts, negative_prompt, num_images_per_prompt, cfg, obs)
         timings["text_encoder"] = time.perf_counter() - t0
 
-        scheduler = DDIMScheduler.from_config(self.scheduler_config)
         t0 = time.perf_counter()
         latents, timesteps = self.prepare_latents(
-            scheduler, len(prompts) * num_images_per_prompt, height, width, num_inference_steps, rng, latents,
+            sampler, len(prompts) * num_images_per_prompt, height, width, num_inference_steps, rng, latents,
             image, strength, obs)
         if image is not None:
             timings["vae_encoder"] = time.perf_counter() - t0
 
         latents, timings["unet"], timings["scheduler_and_guidance"] = self.denoise(
-            latents, context, scheduler, timesteps, guidance_scale, eta, rng, obs, progress)
+            latents, context, sampler, timesteps, guidance_scale, eta, rng, obs, progress, cache_interval)
 
         t0 = time.perf_counter()
         release_free_heap()
@@ -208,30 +220,34 @@ class Pipeline:
     def denoise(self, latents: np.ndarray, context: np.ndarray, scheduler: Any, timesteps: np.ndarray,
                 guidance_scale: float, eta: float = 0.0, rng: np.random.Generator | None = None,
                 observer: PipelineObserver = _NO_OBSERVER, progress: bool | Callable[[int, int], None] = False,
-                ) -> tuple[np.ndarray, float, float]:
+                cache_interval: int = 1) -> tuple[np.ndarray, float, float]:
         """The sampling loop: (final latents, seconds in the U-Net, seconds in guidance + scheduler)."""
         cfg = guidance_scale > 1.0
-        unet = self.components["unet"].device_binding(encoder_hidden_states=context)
+        noisy = eta > 0 or scheduler.stochastic  # only these steps draw from ``rng``
+        step_kwargs = {"eta": eta} if eta > 0 else {}
+        unet = CachedUNet(self.components, context, cache_interval)
         unet_s = other_s = 0.0
         bar = _progress_bar(progress, len(timesteps))
         for i, t in enumerate(timesteps):
             t0 = time.perf_counter()
-            inputs = {"sample": np.concatenate([latents, latents]) if cfg else latents,
-                      "timestep": np.array([t], dtype=np.float32)}
-            observer.on_component("unet", {**inputs, "encoder_hidden_states": context})
-            noise_pred = unet.run(**inputs)
+            sample = scheduler.scale_model_input(latents, t)
+            graph = unet.graph(i)
+            inputs = unet.inputs(graph, {"sample": np.concatenate([sample, sample]) if cfg else sample,
+                                         "timestep": np.array([t], dtype=np.float32)})
+            observer.on_component(graph, {**inputs, "encoder_hidden_states": context})
+            noise_pred = unet.run(graph, inputs)
             t1 = time.perf_counter()
             if not np.isfinite(noise_pred).all():
-                raise LdmDeployError(f"the U-Net produced NaN/Inf at step {i + 1} (timestep {int(t)})")
+                raise LdmDeployError(f"the U-Net produced NaN/Inf at step {i + 1} (timestep {float(t):g})")
             if cfg:
                 uncond_pred, cond_pred = np.split(noise_pred, 2)
                 noise_pred = uncond_pred + np.float32(guidance_scale) * (cond_pred - uncond_pred)
-            latents = scheduler.step(noise_pred, int(t), latents, eta=eta, generator=rng if eta > 0 else None)
+            latents = scheduler.step(noise_pred, t, latents, generator=rng if noisy else None, **step_kwargs)
             t2 = time.perf_counter()
             unet_s += t1 - t0
             other_s += t2 - t1
             observer.on_step_end(StepInfo(i, len(timesteps), float(t), {**inputs, "encoder_hidden_states": context},
-                                          noise_pred, latents))
+                                          noise_pred, latents, graph, unet.feature if graph == "unet" else None))
             bar(i + 1)
         return latents, unet_s, other_s
 
@@ -262,7 +278,7 @@ class Pipeline:
         return self.components[name](**inputs)
 
     def _check_args(self, prompts, steps, guidance, height, width, num_images, strength, image, output_type, eta,  # type: ignore[no-untyped-def]
-                    seed=None, negative_prompt=None):
+                    seed=None, negative_prompt=None, scheduler="ddim"):
         if not prompts:
             raise LdmDeployError("prompt list is empty")
         _broadcast(negative_prompt, len(prompts), "negative_prompt")
@@ -273,6 +289,8 @@ class Pipeline:
             raise LdmDeployError(f"guidance_scale must be >= 0, got {guidance}")
         if not _is_real(eta) or not 0.0 <= eta <= 1.0:
             raise LdmDeployError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+        if eta > 0 and scheduler != "ddim":
+            raise LdmDeployError(f"eta applies to the ddim scheduler only, not to {scheduler!r}: leave eta at 0")
         if not _is_int(num_images) or num_images < 1:
             raise LdmDeployError(f"num_images_per_prompt must be an integer >= 1, got {num_images!r}")
         if seed is not None and (not _is_int(seed) or seed < 0):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LdmDeployError, cli_entry
-from ..specs import COMPONENTS
+from ..specs import COMPONENTS, OPTIONAL_COMPONENTS
 
 EPILOG = """\
 ranges: N (static) or MIN:OPT:MAX. --batch counts prompts per call (the U-Net gets 2x with
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing cache to load and update (default: ARTIFACT/engines/timing-trt<ver>-sm<cc>.cache)")
     p.add_argument("--no-timing-cache", action="store_true", help="do not load or save a timing cache")
     p.add_argument("--workspace", type=float, metavar="GB", help="builder workspace memory pool limit in GiB")
-    p.add_argument("--components", default=",".join(c for c in COMPONENTS),
+    p.add_argument("--components", default=",".join(COMPONENTS + OPTIONAL_COMPONENTS),
                    help="comma-separated subset (default: all the artifact has)")
     p.add_argument("--strongly-typed", action="store_true",
                    help="strongly typed network: the graph's own types decide precision (no fp16/int8 flags)")
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     art = Artifact.open(args.artifact)
     wanted = [c.strip() for c in args.components.split(",") if c.strip()]
-    unknown = [c for c in wanted if c not in COMPONENTS]
+    unknown = [c for c in wanted if c not in COMPONENTS + OPTIONAL_COMPONENTS]
     if unknown:
-        raise LdmDeployError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS)}")
+        raise LdmDeployError(f"unknown components {unknown}; choose from {', '.join(COMPONENTS + OPTIONAL_COMPONENTS)}")
     explicit = args.components != build_parser().get_default("components")
     absent = [c for c in wanted if c not in art.components]
     if absent and explicit:

@@ -159,7 +159,7 @@ class TrtComponent:
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         missing = sorted(set(spec.input_names) - set(self.input_names))
-        if missing or spec.output_names[0] not in self.output_names:
+        if missing or not set(spec.output_names) <= set(self.output_names):
             raise LdmDeployError(f"the {spec.name} engine's I/O {names} does not match its spec "
                                  f"({spec.input_names} -> {spec.output_names})")
         self.output = spec.output_names[0]
@@ -188,7 +188,7 @@ class TrtComponent:
     # --- the Component interface ------------------------------------------------------------
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         with self.rt.lock:
-            return self._run(inputs, {})
+            return self._run(inputs, {})[0]
 
     def device_binding(self, **constants: np.ndarray) -> "TrtBinding":
         return TrtBinding(self, constants)
@@ -202,7 +202,9 @@ class TrtComponent:
         check_shape(self.spec.name, name, arr.shape, lo, hi)
         return arr
 
-    def _run(self, inputs: dict[str, np.ndarray], bound: dict[str, tuple[int, tuple[int, ...]]]) -> np.ndarray:
+    def _run(self, inputs: dict[str, np.ndarray], bound: dict[str, tuple[int, tuple[int, ...]]],
+             outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run the engine; returns ``outputs`` (default: the first of the spec) as float32."""
         cudart = self.rt.cudart
         missing = sorted(set(self.input_names) - set(inputs) - set(bound))
         if missing:
@@ -222,14 +224,15 @@ class TrtComponent:
             for n, p in addresses.items():
                 self.context.set_tensor_address(n, p)
             self._signature = signature
-        out_shape = tuple(self.context.get_tensor_shape(self.output))
+        names = list(outputs or [self.output])
+        results = [np.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n]) for n in names]
         self._execute(signature)
-        result = np.empty(out_shape, dtype=self.dtypes[self.output])
-        _check(cudart, cudart.cudaMemcpyAsync(result.ctypes.data, self.buffers[self.output].ptr, result.nbytes,
-                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.rt.stream),
-               "cudaMemcpyAsync")
+        for n, result in zip(names, results):
+            _check(cudart, cudart.cudaMemcpyAsync(result.ctypes.data, self.buffers[n].ptr, result.nbytes,
+                                                  cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.rt.stream),
+                   "cudaMemcpyAsync")
         self.rt.synchronize()
-        return result.astype(np.float32, copy=False)
+        return [r.astype(np.float32, copy=False) for r in results]
 
     def _launch(self) -> None:
         if not self.context.execute_async_v3(self.rt.stream_handle):
@@ -294,7 +297,11 @@ class TrtBinding:
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
         with self.component.rt.lock:
-            return self.component._run(inputs, self.bound)
+            return self.component._run(inputs, self.bound)[0]
+
+    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
+        with self.component.rt.lock:
+            return self.component._run(inputs, self.bound, self.component.spec.output_names)
 
     def close(self) -> None:
         for b in self._buffers:
@@ -308,7 +315,7 @@ def load_components(
     precision: str | None = None,
     use_cuda_graph: bool | None = None,
     verify: bool = True,
-    optional: Sequence[str] = ("vae_encoder",),
+    optional: Sequence[str] = ("vae_encoder", "unet_shallow"),
 ) -> dict[str, TrtComponent]:
     """The engines of ``components`` built into ``art`` for this machine, as ``TrtComponent``s
     sharing one runtime. An engine whose key does not match this machine and artifact (other
