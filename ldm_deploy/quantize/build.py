@@ -28,7 +28,7 @@ import onnx
 from ..artifact import MANIFEST, Artifact, ArtifactWriter, peak_rss_bytes, write_json
 from ..errors import LdmDeployError
 from ..runtime.sessions import check_threads
-from ..specs import COMPONENTS
+from ..specs import COMPONENTS, OPTIONAL_COMPONENTS
 from .assess import compare_models, image_psnr
 from .calibration import CalibrationSet, collect_calibration
 from .ranges import calibration_targets, collect_ranges, load_structure
@@ -36,7 +36,7 @@ from .recipes import Recipe, exclusion_patterns, match_nodes, quantizable_nodes,
 from .sensitivity import sensitivity_markdown, sensitivity_table
 
 METHODS = ("minmax", "percentile", "mse")
-SUPPORTED = ("unet", "text_encoder", "vae_decoder")
+SUPPORTED = ("unet", "unet_shallow", "text_encoder", "vae_decoder")
 Log = Callable[[str], None]
 
 
@@ -99,6 +99,8 @@ class Calibration:
     seconds: float
 
     def batches(self, component: str) -> list[dict[str, np.ndarray]]:
+        if component == "unet_shallow":
+            return self.calib.shallow_batches
         return self.calib.batches if component == "unet" else self.calib.component_inputs.get(component, [])
 
 
@@ -116,7 +118,7 @@ def _check_components(art: Artifact, comps: list[str]) -> None:
     if not comps:
         raise LdmDeployError("no component to quantize")
     for c in comps:
-        if c not in COMPONENTS:
+        if c not in COMPONENTS + OPTIONAL_COMPONENTS:
             raise LdmDeployError(f"unknown component {c!r} (choose from {', '.join(SUPPORTED)})")
         if c not in SUPPORTED:
             raise LdmDeployError(f"component {c!r} cannot be quantized (supported: {', '.join(SUPPORTED)})")
@@ -141,6 +143,8 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
     if opts.method not in METHODS:
         raise LdmDeployError(f"unknown calibration method {opts.method!r} (choose from {', '.join(METHODS)})")
     comps = list(dict.fromkeys(opts.components))
+    if "unet" in comps and "unet_shallow" in art.components and "unet_shallow" not in comps:
+        comps.append("unet_shallow")  # the two DeepCache graphs of the U-Net are quantized together
     _check_components(art, comps)
     if opts.prompts is not None and not opts.prompts:
         raise LdmDeployError("the calibration prompt list is empty")
@@ -181,7 +185,7 @@ def calibrate(p: Plan, pipeline: Any = None, log: Log = lambda s: None) -> Calib
     pipe = pipeline or Pipeline.load(p.art.path, threads=o.threads, verify=False,
                                      components=("text_encoder", "unet", "vae_decoder"))
     t0 = time.perf_counter()
-    others = [c for c in p.components if c != "unet"]
+    others = [c for c in p.components if c not in ("unet", "unet_shallow")]
     calib = collect_calibration(pipe, o.prompts, o.calib_size, o.calib_steps, o.seed, o.guidance_scale,
                                 o.calib_height, o.calib_width, o.calib_per_run, log, record_components=others)
     held = collect_calibration(pipe, list(reversed(calib.prompts)), max(1, o.holdout), o.calib_steps,
@@ -259,6 +263,11 @@ def assess(p: Plan, cal: Calibration, out_dir: Path, log: Log = lambda s: None) 
         quality["unet_heldout"] = {**err, "timesteps": sorted(set(held.timesteps)),
                                    "prompts": sorted(set(held.prompts[i] for i in held.prompt_indices))}
         log(f"quality: U-Net on {len(held)} held-out batches: cosine {err['cosine']:.5f} rel_l2 {err['rel_l2']:.3e}")
+    if "unet_shallow" in p.components and cal.held is not None and cal.held.shallow_batches:
+        err = compare_models(art.model_file("unet_shallow"), out_dir / art.components["unet_shallow"]["file"],
+                             cal.held.shallow_batches, o.threads)
+        quality["unet_shallow_heldout"] = err
+        log(f"quality: shallow U-Net on {len(cal.held.shallow_batches)} held-out batches: cosine {err['cosine']:.5f}")
     if o.quality_prompts:
         prompts = cal.calib.prompts
         qp = [prompts[i % len(prompts)] for i in range(o.quality_prompts)]

@@ -5,6 +5,10 @@ guidance while an observer of the call (``Pipeline(..., observer=)``) keeps the 
 ``timestep`` [1], ``encoder_hidden_states`` [2B, 77, D]) at selected steps. Only those inputs are
 stored (a few MB at SD1.5 scale), never the activations.
 
+For artifacts with feature caching (``ldm-export --deepcache``) the shallow U-Net graph is
+calibrated on the same steps: its inputs are the step's U-Net inputs plus the cached feature of
+the previous step (the feature one step stale, as the runtime feeds it between full steps).
+
 Selection: ``size`` batches stratified over the trajectory: batch ``k`` is taken at step
 ``floor((k + 0.5) * steps / size)`` from run ``k mod n_runs``, so every run contributes steps spread
 from the noisiest to the cleanest and consecutive batches come from different prompts. Each run
@@ -78,6 +82,7 @@ class CalibrationSet:
     width: int
     runs: int = 0
     component_inputs: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    shallow_batches: list[dict[str, np.ndarray]] = field(default_factory=list)  # unet_shallow inputs (DeepCache)
     meta_extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -131,16 +136,23 @@ class _Recorder:
     def __init__(self, keep_steps: set[int], components: Sequence[str] = ()):
         self.keep_steps = keep_steps
         self.records: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.shallow: dict[int, dict[str, np.ndarray]] = {}
         self.inputs: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in components}
+        self._feature: np.ndarray | None = None  # the previous step's cached feature
 
     def on_component(self, name: str, inputs: Mapping[str, np.ndarray]) -> None:
         if name in self.inputs:
             self.inputs[name].append({k: np.array(v, copy=True) for k, v in inputs.items()})
 
     def on_step_end(self, info: Any) -> None:
+        feature = getattr(info, "cache_feature", None)
         if info.index in self.keep_steps:
-            self.records.append((info.index, {k: np.array(v, dtype=np.float32, copy=True)
-                                              for k, v in info.unet_inputs.items()}))
+            inputs = {k: np.array(v, dtype=np.float32, copy=True) for k, v in info.unet_inputs.items()}
+            self.records.append((info.index, inputs))
+            if feature is not None:
+                stale = self._feature if self._feature is not None else feature
+                self.shallow[info.index] = {**inputs, "cache_feature": np.array(stale, dtype=np.float32, copy=True)}
+        self._feature = feature
 
 
 def collect_calibration(
@@ -172,6 +184,7 @@ def collect_calibration(
     for k, (r, j) in enumerate(picks):
         by_run.setdefault(r, []).append(k)
     batches: list[dict[str, np.ndarray] | None] = [None] * size
+    shallow: list[dict[str, np.ndarray] | None] = [None] * size
     timesteps = [0] * size
     prompt_idx = [0] * size
     component_inputs: dict[str, list[dict[str, np.ndarray]]] = {c: [] for c in record_components}
@@ -184,6 +197,7 @@ def collect_calibration(
         for step, inputs in rec.records:
             k = wanted[step]
             batches[k] = inputs
+            shallow[k] = rec.shallow.get(step)
             timesteps[k] = int(round(float(inputs["timestep"].reshape(-1)[0])))
             prompt_idx[k] = pi
         for c, items in rec.inputs.items():
@@ -195,5 +209,5 @@ def collect_calibration(
     return CalibrationSet(
         batches=kept, timesteps=timesteps, step_indices=[j for _, j in picks], prompt_indices=prompt_idx,
         prompts=prompts, steps=steps, seed=seed, guidance_scale=guidance_scale, height=height, width=width,
-        runs=n_runs, component_inputs=component_inputs,
+        runs=n_runs, component_inputs=component_inputs, shallow_batches=[b for b in shallow if b is not None],
     )

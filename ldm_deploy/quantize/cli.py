@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: U8S8 QDQ for ORT CPU (VNNI); tensorrt: symmetric INT8 QDQ (default cpu)")
     p.add_argument("--format", dest="quant_format", choices=("qdq", "qoperator"),
                    help="cpu graph format (default qdq; qoperator writes QLinear* ops)")
-    p.add_argument("--components", default="unet", help="comma-separated: unet, text_encoder, vae_decoder (default unet)")
+    p.add_argument("--components", default="unet", help="comma-separated: unet, text_encoder, vae_decoder (default unet; with a --deepcache export, "
+                   "unet includes its shallow graph unet_shallow)")
     p.add_argument("--calib-prompts", type=Path, help="file with one calibration prompt per line (default: built-in list)")
     p.add_argument("--calib-size", type=int, default=64, help="U-Net batches kept for calibration (default 64)")
     p.add_argument("--calib-steps", type=int, default=20, help="sampling steps of each calibration run (default 20)")
