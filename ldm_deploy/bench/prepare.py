@@ -52,7 +52,9 @@ def fingerprint(recipe: dict[str, Any], source: Path | None) -> str:
         version = metadata.version("ldm-deploy")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    parts: dict[str, Any] = {"recipe": recipe, "version": version}
+    # a quantize/engines recipe names its source variant; the source's manifest hash stands for it
+    named = recipe["kind"] if source is not None else None
+    parts: dict[str, Any] = {"recipe": {k: v for k, v in recipe.items() if k != named}, "version": version}
     if recipe["kind"] == "export":
         parts["model"] = _model_fingerprint(recipe["export"])
     if source is not None:
@@ -64,6 +66,7 @@ def build_all(suite: Suite, variants: list[Variant], work_dir: Path, rebuild: bo
               log: Any = print) -> dict[str, dict[str, Any]]:
     """Build (or reuse) each recipe; sets ``options["artifact"]`` of the variants. Returns build info."""
     info: dict[str, dict[str, Any]] = {}
+    built: dict[str, Path] = {}  # fingerprint -> artifact of this run: identical recipes build once
     work_dir.mkdir(parents=True, exist_ok=True)
     for v in variants:
         recipe = dict(v.build or {})
@@ -73,10 +76,14 @@ def build_all(suite: Suite, variants: list[Variant], work_dir: Path, rebuild: bo
             ref = recipe[kind]
             src_variant = next((s for s in suite.variants if s.name == ref), None)
             source = Path(src_variant.options["artifact"] if src_variant else ref)
-        out = source if kind == "engines" else work_dir / f"{v.name}-{fingerprint(recipe, source)}"
+        key = fingerprint(recipe, source)
+        out = source if kind == "engines" else built.get(key, work_dir / f"{v.name}-{key}")
         assert out is not None
         entry: dict[str, Any] = {"recipe": recipe, "artifact": str(out)}
-        if kind != "engines" and (out / "manifest.json").is_file() and not rebuild:
+        if kind != "engines" and key in built:
+            log(f"[build] {v.name}: same recipe as an artifact built in this run, reusing {out}")
+            entry.update(reused=True, seconds=0.0)
+        elif kind != "engines" and (out / "manifest.json").is_file() and not rebuild:
             log(f"[build] {v.name}: reusing {out}")
             entry.update(reused=True, seconds=0.0)
         else:
@@ -88,6 +95,7 @@ def build_all(suite: Suite, variants: list[Variant], work_dir: Path, rebuild: bo
                 raise LdmDeployError(f"building the artifact of variant '{v.name}' failed: {res['error']}")
             entry.update(reused=False, seconds=round(time.perf_counter() - t0, 2), **res)
         v.options["artifact"] = str(out)
+        built.setdefault(key, out)
         info[v.name] = entry
     return info
 
@@ -130,7 +138,7 @@ def build_now(recipe: dict[str, Any], source: Path | None, out: Path) -> dict[st
         from ..export.exporter import ExportOptions, export_model
 
         keys = ("fp16", "opset", "height", "width", "batch", "max_batch", "min_size", "max_size", "optimize",
-                "attention", "exporter", "validate")
+                "attention", "exporter", "validate", "deepcache")
         m = export_model(recipe["export"], out, ExportOptions(**{k: recipe[k] for k in keys}), overwrite=True, log=log)
         return {"stats": m.get("stats", {})}
     if kind == "quantize":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..runtime.backends import BACKENDS
+from ..runtime.scheduler import SCHEDULERS
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
 
@@ -143,6 +144,11 @@ VARIANT_FIELDS: dict[str, dict[str, Field]] = {
     "runtime": {
         "artifact": Field("str", "", help="artifact directory (relative to the suite file)"),
         "backend": Field("str", "ort-cpu", choices=tuple(BACKENDS), help="runtime backend (ldm-generate --backend)"),
+        "scheduler": Field("str", "ddim", choices=tuple(SCHEDULERS), help="sampler (ldm-generate --scheduler)"),
+        "steps": Field("int", None, minimum=1, help="denoising steps of this variant (default: settings.steps / "
+                       "quality.steps): compare samplers at their own step counts"),
+        "cache_interval": Field("int", 1, minimum=1, help="DeepCache: full U-Net every N steps (needs an "
+                                "artifact exported with deepcache)"),
     },
     "diffusers": {
         "model": Field("str", required=True, help="model name or diffusers pipeline directory"),
@@ -171,6 +177,7 @@ BUILD_EXPORT: dict[str, Field] = {
     "attention": Field("str", "auto", choices=("auto", "sliced", "full")),
     "exporter": Field("str", "torchscript", choices=("torchscript", "dynamo")),
     "validate": Field("bool", True),
+    "deepcache": Field("int", None, minimum=1, help="also export the shallow U-Net of feature caching (depth)"),
 }
 
 BUILD_QUANTIZE: dict[str, Field] = {

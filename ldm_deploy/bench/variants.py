@@ -68,8 +68,10 @@ class RuntimeRunner:
     def __init__(self, options: dict[str, Any], settings: dict[str, Any], threads: int):
         from ..runtime import Pipeline
 
-        self.pipe = Pipeline.load(options["artifact"], backend=options["backend"], threads=threads,
-                                  components=("text_encoder", "unet", "vae_decoder"))
+        self.scheduler, self.steps = options.get("scheduler", "ddim"), options.get("steps")
+        self.cache_interval = options.get("cache_interval", 1)
+        graphs = ("text_encoder", "unet", "vae_decoder") + (("unet_shallow",) if self.cache_interval > 1 else ())
+        self.pipe = Pipeline.load(options["artifact"], backend=options["backend"], threads=threads, components=graphs)
         self.unet = self.pipe.components["unet"]
         self.latent_channels, self.vae_scale = self.pipe.latent_channels, self.pipe.vae_scale
         self.height, self.width = settings["height"], settings["width"]
@@ -92,8 +94,10 @@ class RuntimeRunner:
         self.pipe.decode(latents)
 
     def generate(self, prompts: list[str], latents: np.ndarray, steps: int, guidance: float) -> np.ndarray:
-        out = self.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=self.height,
-                        width=self.width, latents=latents, output_type="np")
+        """Images with the variant's scheduler, steps (when set) and cache interval."""
+        out = self.pipe(prompts, num_inference_steps=self.steps or steps, guidance_scale=guidance, height=self.height,
+                        width=self.width, latents=latents, output_type="np", scheduler=self.scheduler,
+                        cache_interval=self.cache_interval)
         return to_uint8(out.images)
 
 
