@@ -69,12 +69,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(pipe: Pipeline, artifact: Path, **options) -> Iterator[str]:
-    """uvicorn in a thread serving ``create_app`` on a free port; yields the base URL."""
+    """uvicorn in a thread serving ``create_app`` on a free port; yields the base URL (the app is
+    ``running_server.app``)."""
     import uvicorn
 
     port = free_port()
     app = create_app(ServeConfig(artifact=artifact, threads=1, **options), pipe)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    running_server.app = app  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -255,6 +257,15 @@ def test_health_and_metrics(pipe, artifact):
         assert sample_value(families, "ldm_serve_request_latency_seconds",
                             "ldm_serve_request_latency_seconds_count") == 1
         assert sample_value(families, "ldm_serve_queue_depth", "ldm_serve_queue_depth") == 0
+
+
+def test_draining_server_answers_503(pipe, artifact):
+    with running_server(pipe, artifact) as base:
+        assert httpx.get(f"{base}/health").status_code == 200
+        running_server.app.state.batcher.stop_accepting()  # what SIGTERM does first  # type: ignore[attr-defined]
+        r = httpx.post(f"{base}/v1/generate", json={"prompt": "x", "steps": 2}, timeout=30)
+        assert r.status_code == 503 and r.json() == {"error": "the server is shutting down"}
+        assert httpx.get(f"{base}/health").json()["status"] == "draining"
 
 
 # --- the process: CLI and SIGTERM -----------------------------------------------------------------
