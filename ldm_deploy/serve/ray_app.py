@@ -53,12 +53,12 @@ def run_ray(config: ServeConfig, host: str, port: int, replicas: int) -> int:
     from ray import serve
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stop.set())
     ray.init(ignore_reinit_error=True, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(deployment(config, replicas), name="ldm-serve", route_prefix="/")
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (fatal) handlers
+            signal.signal(sig, lambda s, f: stop.set())
         print(f"ldm-serve: {config.artifact} on http://{host}:{port} (Ray Serve, {replicas} replicas)", flush=True)
         stop.wait()
         serve.shutdown()
