@@ -39,6 +39,7 @@ EXTRAS = {
     "accelerate": "export", "onnx": "export", "onnxscript": "export", "onnxconverter_common": "export",
     "scipy": "bench", "matplotlib": "bench", "ray": "ray", "torch_pruning": "prune",
     "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt",
+    "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve", "starlette": "serve",
 }
 
 

@@ -100,7 +100,16 @@ def test_no_import_circles_between_subpackages():
 
 
 def test_runtime_does_not_import_the_stages_above_it():
-    above = {"export", "quantize", "prune", "bench", "models", "quality"}
+    above = {"export", "quantize", "prune", "bench", "models", "quality", "serve"}
     for module, deps in GRAPH.items():
         if _subpackage(module) in ("runtime", "tensorrt", "specs", "artifact", "errors", "numerics"):
             assert not {_subpackage(d) for d in deps} & above, (module, sorted(deps))
+
+
+def test_serve_sits_on_the_runtime_only():
+    """ldm-serve runs artifacts: it may use the runtime, never the torch-side stages."""
+    serve = {m: deps for m, deps in GRAPH.items() if _subpackage(m) == "serve"}
+    assert len(serve) >= 6 and any(_subpackage(d) == "runtime" for deps in serve.values() for d in deps)
+    for module, deps in serve.items():
+        assert not {_subpackage(d) for d in deps} & {"export", "quantize", "prune", "bench", "models", "quality"}, \
+            (module, sorted(deps))
