@@ -167,6 +167,26 @@ def test_concurrent_requests_share_batches_and_match_one_by_one(pipe, artifact):
         assert sample_value(families, "ldm_serve_images", "ldm_serve_images_total") == 5
 
 
+def test_schedulers_batch_only_with_their_own_kind(pipe, artifact):
+    """dpm++2m requests share a call with each other and match their direct calls; euler-a (which
+    draws noise every step) runs alone and equals its direct call exactly."""
+    seeds = [21, 22, 23]
+    solo = [direct(pipe, p, s, scheduler="dpm++2m", steps=8) for p, s in zip(PROMPTS, seeds)]
+    ancestral = direct(pipe, PROMPTS[0], seed=7, scheduler="euler-a", steps=8)
+    with running_server(pipe, artifact, max_wait_ms=1500) as base:
+        bodies = [{"prompt": p, "seed": s, "steps": 8, "scheduler": "dpm++2m"} for p, s in zip(PROMPTS, seeds)]
+        bodies.append({"prompt": PROMPTS[0], "seed": 7, "steps": 8, "scheduler": "euler-a"})
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            responses = list(pool.map(lambda b: httpx.post(f"{base}/v1/generate?format=png", json=b, timeout=60),
+                                      bodies))
+        assert [r.status_code for r in responses] == [200] * len(bodies)
+        sizes = [int(r.headers["x-batch-size"]) for r in responses]
+        assert max(sizes[:3]) > 1 and sizes[3] == 1, sizes
+        np.testing.assert_array_equal(png_array(responses[3].content), ancestral)
+        for r, expected in zip(responses[:3], solo):
+            assert psnr(png_array(r.content), expected) >= 40.0
+
+
 def test_bad_requests_get_422_with_one_line(pipe, artifact):
     with running_server(pipe, artifact) as base:
         def post(body: object) -> httpx.Response:
@@ -181,6 +201,8 @@ def test_bad_requests_get_422_with_one_line(pipe, artifact):
             json.dumps({"prompt": "x", "steps": "many"}): "steps: Input should be a valid integer",
             json.dumps({"prompt": "x", "colour": "red"}): "colour: Extra inputs are not permitted",
             json.dumps({"steps": 3}): "prompt: Field required",
+            json.dumps({"prompt": "x", "scheduler": "plms"}): "unknown scheduler 'plms'",
+            json.dumps({"prompt": "x", "cache_interval": 3}): "cache_interval > 1 needs an artifact with the DeepCache",
         }
         for body, message in cases.items():
             r = httpx.post(f"{base}/v1/generate", content=body, headers={"content-type": "application/json"},
@@ -190,7 +212,7 @@ def test_bad_requests_get_422_with_one_line(pipe, artifact):
             assert "\n" not in error and error.startswith(message), (body, error)
         r = httpx.post(f"{base}/v1/generate?format=gif", json={"prompt": "x"}, timeout=30)
         assert r.status_code == 422 and "format must be" in r.json()["error"]
-        assert sample_value(metric_families(base), "ldm_serve_requests", "ldm_serve_requests_total", status="422") == 7
+        assert sample_value(metric_families(base), "ldm_serve_requests", "ldm_serve_requests_total", status="422") == 9
 
 
 def test_queue_bound_gives_429_and_the_server_still_serves(pipe, artifact):

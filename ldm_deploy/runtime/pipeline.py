@@ -276,16 +276,19 @@ class Pipeline:
     def check_call(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                    num_inference_steps: int = 25, guidance_scale: float = 7.5, height: int | None = None,
                    width: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
-                   eta: float = 0.0) -> tuple[int, int]:
+                   eta: float = 0.0, scheduler: str = "ddim", cache_interval: int = 1) -> tuple[int, int, bool]:
         """Check a text-to-image call's arguments without running it, as the call itself would
-        (one-line :class:`LdmDeployError`); returns the resolved (height, width). For callers that
-        must refuse bad input before queueing it (a server)."""
+        (one-line :class:`LdmDeployError`); returns the resolved (height, width) and whether the
+        call draws random numbers while sampling (``eta`` > 0 or a stochastic scheduler). For
+        callers that must refuse bad input before queueing it (a server)."""
         prompts = _prompt_list(prompt, "prompt")
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
+        sampler = make_scheduler(scheduler, self.scheduler_config)
         self._check_args(prompts, num_inference_steps, guidance_scale, height, width, num_images_per_prompt,
-                         0.8, None, "pil", eta, seed, negative_prompt)
-        return height, width
+                         0.8, None, "pil", eta, seed, negative_prompt, scheduler)
+        check_cache_interval(cache_interval, self.components, "unet_shallow" in self.artifact.components)
+        return height, width, bool(eta > 0 or sampler.stochastic)
 
     def _run(self, name: str, observer: PipelineObserver, **inputs: np.ndarray) -> np.ndarray:
         observer.on_component(name, inputs)

@@ -27,7 +27,7 @@ from .schema import GenerateRequest, GenerateResponse, validation_message
 def load_pipeline(config: ServeConfig) -> Pipeline:
     """The text-to-image pipeline of ``config.artifact`` (no VAE encoder: no img2img here)."""
     return Pipeline.load(config.artifact, backend=config.backend, threads=config.threads, verify=config.verify,
-                         components=("text_encoder", "unet", "vae_decoder"))
+                         components=("text_encoder", "unet", "unet_shallow", "vae_decoder"))
 
 
 def max_batch_of(config: ServeConfig, pipe: Pipeline) -> int:
@@ -103,15 +103,16 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             return error(422, "a PNG answer holds one image: ask for format=json or num_images=1")
         seed = body.seed if body.seed is not None else secrets.randbits(32)
         try:
-            height, width = pipe.check_call(body.prompt, body.negative_prompt, body.steps, body.guidance_scale,
-                                            body.height, body.width, body.num_images, seed, body.eta)
+            height, width, stochastic = pipe.check_call(
+                body.prompt, body.negative_prompt, body.steps, body.guidance_scale, body.height, body.width,
+                body.num_images, seed, body.eta, body.scheduler, body.cache_interval)
             if body.num_images > batcher.max_batch:
                 raise LdmDeployError(f"num_images {body.num_images} exceeds this server's max batch "
                                      f"{batcher.max_batch}")
         except LdmDeployError as e:
             return error(422, str(e))
         job = Job(body.prompt, body.negative_prompt, body.steps, body.guidance_scale, height, width, seed,
-                  body.eta, body.num_images)
+                  body.eta, body.num_images, body.scheduler, body.cache_interval, stochastic)
         try:
             future = batcher.submit(job)
         except QueueFull:

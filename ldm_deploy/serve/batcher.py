@@ -2,11 +2,13 @@
 
 Requests wait in a bounded FIFO. The batcher takes the oldest request and, for at most
 ``max_wait_s`` after it arrived, gathers the queued requests that are compatible with it (same
-size, steps and guidance, deterministic sampling) up to ``max_batch`` images, then runs them as one
+size, steps, guidance, scheduler and cache interval, deterministic sampling) up to ``max_batch`` images, then
+runs them as one
 :class:`~ldm_deploy.runtime.Pipeline` call in a worker thread. Each request's initial latents are
 drawn from its own seed exactly as a single-prompt call draws them, so a batched image equals the
 image that request gets alone (up to the last bits of ORT's batched kernels). Stochastic requests
-(``eta > 0``) consume random numbers during sampling and therefore always run alone.
+(``eta > 0``, the euler-a scheduler) consume random numbers during sampling and therefore always run
+alone.
 """
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ class Job:
     seed: int
     eta: float = 0.0
     num_images: int = 1
+    scheduler: str = "ddim"
+    cache_interval: int = 1
+    stochastic: bool = False  # draws random numbers while sampling (Pipeline.check_call tells)
     enqueued: float = field(default_factory=time.monotonic)
     future: "asyncio.Future[JobResult] | None" = None
     key: tuple = ()
 
     def __post_init__(self) -> None:
-        deterministic = self.eta == 0.0
-        # the pipeline takes one steps / guidance / size per call; stochastic jobs never share
-        self.key = (self.height, self.width, self.steps, float(self.guidance_scale),
-                    "ddim" if deterministic else f"stochastic-{next(_unique)}")
+        # the pipeline takes one size / steps / guidance / sampler per call; stochastic jobs never share
+        self.key = (self.height, self.width, self.steps, float(self.guidance_scale), self.scheduler,
+                    self.cache_interval, f"stochastic-{next(_unique)}" if self.stochastic or self.eta > 0 else "")
 
 
 _unique = itertools.count()
@@ -77,17 +81,17 @@ def initial_latents(pipe: Pipeline, job: Job) -> np.ndarray:
 def run_batch(pipe: Pipeline, jobs: list[Job]) -> list[JobResult]:
     """One pipeline call for ``jobs`` (all with the same key), split back into per-job results."""
     first = jobs[0]
-    if first.eta > 0:  # alone, exactly as a direct call: the sampler draws from the seed's generator
+    sampling = dict(num_inference_steps=first.steps, guidance_scale=first.guidance_scale, height=first.height,
+                    width=first.width, scheduler=first.scheduler, cache_interval=first.cache_interval)
+    if first.stochastic or first.eta > 0:  # alone, exactly as a direct call: the sampler draws from the seed
         assert len(jobs) == 1
-        out = pipe(first.prompt, negative_prompt=first.negative_prompt, num_inference_steps=first.steps,
-                   guidance_scale=first.guidance_scale, height=first.height, width=first.width,
-                   num_images_per_prompt=first.num_images, seed=first.seed, eta=first.eta)
+        out = pipe(first.prompt, negative_prompt=first.negative_prompt, num_images_per_prompt=first.num_images,
+                   seed=first.seed, eta=first.eta, **sampling)
         return [JobResult(list(out.images), out.steps, first.num_images, dict(out.timings))]
     prompts = [j.prompt for j in jobs for _ in range(j.num_images)]
     negatives = [j.negative_prompt or "" for j in jobs for _ in range(j.num_images)]
     latents = np.concatenate([initial_latents(pipe, j) for j in jobs])
-    out = pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
-               guidance_scale=first.guidance_scale, height=first.height, width=first.width, latents=latents)
+    out = pipe(prompts, negative_prompt=negatives, latents=latents, **sampling)
     results, start = [], 0
     for j in jobs:
         results.append(JobResult(list(out.images[start:start + j.num_images]), out.steps, len(prompts),

@@ -19,6 +19,10 @@ class GenerateRequest(BaseModel):
     width: int | None = None
     seed: int | None = None
     eta: float = Field(0.0, description="DDIM eta; > 0 is stochastic and never shares a batch")
+    scheduler: str = Field("ddim", description="sampler: ddim, dpm++2m, dpm++2m-karras, euler, euler-a "
+                           "(euler-a is stochastic and never shares a batch)")
+    cache_interval: int = Field(1, description="DeepCache: the full U-Net every N-th step (artifacts exported "
+                                "with --deepcache)")
     num_images: int = Field(1, description="images for the prompt (num_images_per_prompt)")
 
 
