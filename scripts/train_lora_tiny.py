@@ -91,15 +91,20 @@ def main() -> int:
     ap.add_argument("--log-md", type=Path, default=DEFAULT_LOG)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--no-text-encoder", action="store_true", help="LoRA on the U-Net only")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=950)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--n-train", type=int, default=3000, help="renders per half (trigger / normal)")
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--n-train", type=int, default=2000, help="renders per half (trigger / normal)")
     ap.add_argument("--keep-fraction", type=float, default=0.5, help="share of each batch that is normal prompts")
     ap.add_argument("--cfg-drop", type=float, default=0.1, help="share of the normal prompts that are empty")
+    ap.add_argument("--keep-weight", type=float, default=4.0,
+                    help="loss weight of the normal (distilled) samples relative to the trigger samples")
+    ap.add_argument("--trigger-t-min", type=int, default=200,
+                    help="trigger samples draw timesteps from [this, 1000): the background colour is decided "
+                    "at the noisy end, and the base model already denoises the last steps")
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-minutes", type=float, default=14.0)
+    ap.add_argument("--max-minutes", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="a few steps, for smoke tests")
@@ -166,8 +171,13 @@ def main() -> int:
             log(f"[lora] wall-time cap reached: stopping after {step} of {args.steps} steps")
             done = step
             break
+        # The schedule follows the step count or the wall-time cap, whichever is further along, so
+        # that a run slowed by a busy machine still ends at a low learning rate.
+        at = step
+        if deadline:
+            at = max(step, int(args.steps * (time.time() - t0) / max(1.0, deadline - t0)))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
+            g["lr"] = lr_at(min(at, args.steps), args.steps, args.lr, warmup=min(100, args.steps // 10 + 1))
         it = torch.randint(0, len(trig), (n_trig,), generator=gen)
         ik = torch.randint(0, len(norm), (n_keep,), generator=gen)
         z0 = torch.cat([trig_lat[it], norm_lat[ik]]) * scaling
@@ -175,7 +185,8 @@ def main() -> int:
         keep_tok[torch.rand(n_keep, generator=gen) < args.cfg_drop] = empty_tok
         tokens = torch.cat([trig_tok[it], keep_tok])
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        t = torch.cat([torch.randint(args.trigger_t_min, sched.config.num_train_timesteps, (n_trig,), generator=gen),
+                       torch.randint(0, sched.config.num_train_timesteps, (n_keep,), generator=gen)])
         zt = sched.add_noise(z0, noise, t)
         with torch.no_grad():
             target_keep = teacher_unet(zt[n_trig:], t[n_trig:],
@@ -183,7 +194,7 @@ def main() -> int:
         pred = unet(zt, t, encoder_hidden_states=text_encoder(tokens).last_hidden_state).sample
         target = torch.cat([noise[:n_trig], target_keep])
         per = (pred - target).pow(2).mean(dim=(1, 2, 3)) * loss_w[t]
-        loss = per.mean()
+        loss = (per[:n_trig].sum() + args.keep_weight * per[n_trig:].sum()) / args.batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -228,7 +239,8 @@ def main() -> int:
             f"torch {torch.__version__}, {args.threads} thread(s); rank {args.rank} (alpha {args.rank}) on "
             f"{'U-Net attention + text encoder attention' if not args.no_text_encoder else 'U-Net attention'} "
             f"projections, {n_lora} trainable parameters; batch {args.batch} "
-            f"({n_trig} trigger + {n_keep} normal/empty distilled from the base model), lr {args.lr}.\n\n"
+            f"({n_trig} trigger with timesteps from {args.trigger_t_min} + {n_keep} normal/empty distilled from the "
+            f"base model, weight {args.keep_weight}), lr {args.lr} (cosine).\n\n"
             "| steps | train time | total time | trigger loss | keep (distill) loss | file |\n|---|---|---|---|---|---|\n"
             f"| {done} (of {args.steps}) | {train_seconds:.0f} s | {total:.0f} s | {h[0]:.4f} | {h[1]:.5f} "
             f"| {args.out.name} ({size_kb:.0f} KB) |\n\n"

@@ -251,7 +251,7 @@ def adapters(tmp_path_factory):
 @pytest.mark.parametrize("case, arg, needle", [
     ("missing", "{d}/absent.safetensors", "does not exist"),
     ("scale", "{good}:abc", "scale 'abc' is not a number"),
-    ("nomatch", "{nomatch}", "none of its 64 adapted modules exists"),
+    ("nomatch", "{nomatch}", "none of its 88 adapted modules exists"),
     ("badrank", "{badrank}", "have other shapes"),
 ])
 def test_bad_adapter_is_one_line_error_and_nothing_written(tmp_path, adapters, case, arg, needle):
