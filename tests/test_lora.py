@@ -327,3 +327,14 @@ def test_export_tiny_with_the_shipped_adapter(tmp_path):
     m = json.loads((tmp_path / "noir" / "manifest.json").read_text())
     assert {v["status"] for v in m["validation"].values()} == {"passed"}
     assert m["loras"][0]["name"] == "tiny-noir.safetensors" and m["loras"][0]["modules"]["text_encoder"] > 0
+
+
+def test_unet_weights_diffusers_did_not_fuse_are_caught(tmp_path, base, monkeypatch):
+    """The fused U-Net is checked against the deltas read from the file: a fuse that silently
+    does nothing (as diffusers does with keys it cannot place) is an error, not a base-model export."""
+    from diffusers import UNet2DConditionModel
+
+    f, _, _ = make_adapter(tmp_path / "a.safetensors", base, text_encoder=False)
+    monkeypatch.setattr(UNet2DConditionModel, "fuse_lora", lambda self, *a, **k: None)
+    with pytest.raises(LdmDeployError, match="diffusers did not apply the adapter"):
+        fuse_loras(base, [LoraSpec(f, 1.0)], log=lambda s: None)

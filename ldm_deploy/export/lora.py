@@ -311,22 +311,21 @@ def fuse_loras(model: "LoadedModel", specs: list[LoraSpec], log: Callable[[str],
     files = check_lora_specs(specs)
     parsed = [read_lora(s, f) for s, f in zip(specs, files)]
     matches = [match(lf, model) for lf in parsed]
-    # The delta each module should get, to check the U-Net that diffusers fuses and to fuse the text encoder.
-    expected: dict[str, dict[str, torch.Tensor]] = {}
+    # What each module gets: (pair, scale) per adapter, summed into deltas when they are needed (the
+    # U-Net's one module at a time, to check what diffusers fused).
+    terms: dict[str, dict[str, list[tuple[LoraPair, float]]]] = {}
     for lf, mt in zip(parsed, matches):
         for comp, names in mt.items():
             for name, target in names.items():
-                d = lf.pairs[comp][name].delta(lf.spec.scale)
-                acc = expected.setdefault(comp, {})
-                acc[target] = acc[target] + d if target in acc else d
+                terms.setdefault(comp, {}).setdefault(target, []).append((lf.pairs[comp][name], lf.spec.scale))
     with torch.no_grad():
-        if "unet" in expected:
-            _fuse_unet(model, parsed, expected["unet"])
-        if "text_encoder" in expected:
+        if "unet" in terms:
+            _fuse_unet(model, parsed, terms["unet"])
+        if "text_encoder" in terms:
             modules = dict(model.text_encoder.named_modules())
-            for target, d in expected["text_encoder"].items():
+            for target, ts in terms["text_encoder"].items():
                 w = modules[target].weight
-                w.add_(d.reshape(w.shape).to(w.dtype))
+                w.add_(_delta(ts).reshape(w.shape).to(w.dtype))
     entries = [lf.manifest_entry() for lf in parsed]
     for e in entries:
         log(f"fused LoRA {e['name']} at scale {e['scale']:g} (rank {e['rank']}; "
@@ -334,13 +333,20 @@ def fuse_loras(model: "LoadedModel", specs: list[LoraSpec], log: Callable[[str],
     return entries
 
 
-def _fuse_unet(model: "LoadedModel", parsed: list[LoraFile], expected: dict[str, "torch.Tensor"]) -> None:
+def _delta(terms: list[tuple[LoraPair, float]]) -> "torch.Tensor":
+    out = terms[0][0].delta(terms[0][1])
+    for pair, scale in terms[1:]:
+        out = out + pair.delta(scale)
+    return out
+
+
+def _fuse_unet(model: "LoadedModel", parsed: list[LoraFile], terms: dict[str, list[tuple[LoraPair, float]]]) -> None:
     import torch
     from diffusers import StableDiffusionPipeline
 
     unet = model.unet
     modules = dict(unet.named_modules())
-    before = {t: modules[t].weight.detach().float().clone() for t in expected}
+    before = {t: modules[t].weight.detach().clone() for t in terms}
     names = []
     for i, lf in enumerate(parsed):
         if "unet" not in lf.pairs:
@@ -359,10 +365,13 @@ def _fuse_unet(model: "LoadedModel", parsed: list[LoraFile], expected: dict[str,
     unet.fuse_lora(lora_scale=1.0, adapter_names=[n for n, _ in names])
     _unload(unet)
     modules = dict(unet.named_modules())
-    for target, d in expected.items():
-        w = modules[target].weight.detach().float()
-        got = (w - before[target]).flatten(1)
-        tol = 1e-4 * max(1.0, float(d.abs().max())) + 1e-5 * float(before[target].abs().max())
+    for target, ts in terms.items():
+        d = _delta(ts)
+        w0 = before.pop(target)
+        got = (modules[target].weight.detach().float() - w0.float()).flatten(1)
+        # rounding of W + delta in the weights' dtype, plus float noise in the delta itself
+        eps = torch.finfo(w0.dtype).eps
+        tol = 4 * eps * (float(w0.abs().max()) + float(d.abs().max())) + 1e-5 * max(1.0, float(d.abs().max()))
         err = float((got - d).abs().max())
         if err > tol:
             raise LdmDeployError(f"the fused U-Net weight {target} differs from base + LoRA delta by {err:.3g} "
