@@ -36,7 +36,7 @@ ENVIRONMENT_ERRNOS = frozenset(
 #: Optional dependencies -> the extra that installs them (``pip install 'ldm-deploy[extra]'``).
 EXTRAS = {
     "torch": "export", "diffusers": "export", "transformers": "export", "safetensors": "export",
-    "accelerate": "export", "onnx": "export", "onnxscript": "export", "onnxconverter_common": "export",
+    "accelerate": "export", "peft": "export", "onnx": "export", "onnxscript": "export", "onnxconverter_common": "export",
     "scipy": "bench", "matplotlib": "bench", "ray": "ray", "torch_pruning": "prune",
     "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt",
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve", "starlette": "serve",

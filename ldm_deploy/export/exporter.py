@@ -20,6 +20,7 @@ from ..specs import (
     COMPONENTS, MAX_IMAGE_SIDE, ComponentSpec, ShapeRanges, check_batch_size, check_image_side, check_side_bounds,
     component_specs,
 )
+from .lora import LoraSpec, check_lora_specs
 
 # Exported first: the U-Net is the largest, so its torch weights are freed before the others'
 # sessions are built.
@@ -47,6 +48,7 @@ class ExportOptions:
     exporter: str = "torchscript"  # or "dynamo"
     attention: str = "auto"  # "mha" (ORT fused), "sliced" (per-head self-attention), "full", or "auto"
     deepcache: int | None = None  # feature caching: the shallow graph's depth (None: one plain U-Net graph)
+    loras: tuple[LoraSpec, ...] = ()  # adapters fused into the U-Net and text encoder before export
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def check_options(opts: ExportOptions) -> None:
             raise LdmDeployError(f"--deepcache depth must be a positive integer, got {opts.deepcache!r}")
         if "unet" not in opts.components:
             raise LdmDeployError("--deepcache splits the U-Net: include unet in --components")
+    check_lora_specs(list(opts.loras))
 
 
 def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
@@ -186,6 +189,11 @@ def export_model(
     with ArtifactWriter(out, overwrite=overwrite) as writer:
         log(f"loading {model_name} ({'fp16 on CUDA' if plan.native_fp16 else 'fp32 on CPU'})")
         model = load_model(model_name, dtype=torch.float16 if plan.native_fp16 else torch.float32, device=plan.device)
+        loras = []
+        if opts.loras:
+            from .lora import fuse_loras
+
+            loras = fuse_loras(model, list(opts.loras), log=log)
         dims = model.dims()
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
         ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
@@ -252,6 +260,7 @@ def export_model(
             {
                 "stage": "export",
                 "source": model.source,
+                "loras": loras,
                 "precision": plan.precision,
                 "io_dtype": plan.io_dtype,
                 "fp16_method": plan.fp16_method,
