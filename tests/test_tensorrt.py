@@ -52,6 +52,17 @@ def test_profiles_from_specs_double_unet_batch_for_cfg():
     assert no_cfg["sample"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))
 
 
+def test_deepcache_graphs_get_profiles_for_the_cached_feature():
+    from ldm_deploy.specs import DeepCacheDims
+
+    specs = component_specs(ModelDims(), DeepCacheDims(depth=1, channels=320))
+    full = component_profile(specs["unet"], EXPORTED).shapes
+    shallow = component_profile(specs["unet_shallow"], EXPORTED).shapes
+    assert full == component_profile(SPECS["unet"], EXPORTED).shapes  # the feature is an output only
+    assert shallow["cache_feature"] == ((1, 320, 32, 32), (2, 320, 64, 64), (8, 320, 128, 128))
+    assert shallow["sample"] == full["sample"]
+
+
 def test_overrides_narrow_the_exported_ranges():
     r = build_ranges(EXPORTED, batch="1:2:2", size="512:512:768")
     assert (r.batch, r.image_height, r.image_width) == ((1, 2, 2), (512, 512, 768), (512, 512, 768))
