@@ -27,6 +27,7 @@ import onnx
 
 from ..artifact import MANIFEST, Artifact, ArtifactWriter, peak_rss_bytes, write_json
 from ..errors import LdmDeployError
+from ..onnx_ops import check_no_ort_only_ops
 from ..runtime.sessions import check_threads
 from ..specs import COMPONENTS, OPTIONAL_COMPONENTS
 from .assess import compare_models, image_psnr
@@ -126,13 +127,9 @@ def _check_components(art: Artifact, comps: list[str]) -> None:
             raise LdmDeployError(f"artifact {art.path} has no component {c!r}")
 
 
-def _check_tensorrt_ops(structures: dict[str, onnx.ModelProto]) -> None:
+def _check_portable_ops(structures: dict[str, onnx.ModelProto], target: str) -> None:
     for c, model in structures.items():
-        foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-        if foreign:
-            raise LdmDeployError(
-                f"{c} uses ONNX Runtime-only operators ({', '.join(foreign)}); for the tensorrt target quantize "
-                "an artifact exported with --optimize tensorrt (or --attention full)")
+        check_no_ort_only_ops(model, c, f"the {target} target")
 
 
 def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: bool = False) -> Plan:
@@ -159,7 +156,7 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
     patterns = exclusion_patterns([], opts.default_exclusions, opts.quantize_cross_kv)
     structures = {c: load_structure(art.model_file(c)) for c in comps}
     if opts.target == "tensorrt":
-        _check_tensorrt_ops(structures)
+        _check_portable_ops(structures, "tensorrt")
     node_names = {c: [n.name for n in s.graph.node] for c, s in structures.items()}
     match_nodes([n for c in comps for n in node_names[c]], list(opts.exclude), strict=True)
     excluded: dict[str, list[str]] = {}
