@@ -45,7 +45,7 @@ Log = Callable[[str], None]
 class QuantizeOptions:
     """Everything ``ldm-quantize`` can be told (its flags, one field each)."""
 
-    target: str = "cpu"  # "cpu" (ONNX Runtime) or "tensorrt"
+    target: str = "cpu"  # "cpu" (ONNX Runtime), "tensorrt", or "openvino" (NNCF, OpenVINO IR)
     components: tuple[str, ...] = ("unet",)
     prompts: tuple[str, ...] | None = None  # calibration prompts (None: the built-in set)
     calib_size: int = 64  # U-Net batches kept
@@ -69,6 +69,7 @@ class QuantizeOptions:
     max_calib_memory: int | None = 2 << 30
     seed: int = 0
     threads: int = 0
+    nncf_preset: str = "mixed"  # openvino target: NNCF's QuantizationPreset (mixed | performance)
 
     def __post_init__(self) -> None:  # lists from callers become tuples (the options are hashable data)
         for name in ("components", "prompts", "exclude"):
@@ -176,13 +177,18 @@ def calibrate(p: Plan, pipeline: Any = None, log: Log = lambda s: None) -> Calib
     """Calibration and held-out batches from the runtime's own CFG trajectories. ``pipeline``: an
     already-loaded runtime ``Pipeline`` of the source artifact (it is only observed, so it may
     serve other threads meanwhile); by default one is loaded."""
+    return calibrate_artifact(p.art, p.options, p.components, pipeline, log)
+
+
+def calibrate_artifact(art: Artifact, o: QuantizeOptions, components: list[str], pipeline: Any = None,
+                       log: Log = lambda s: None) -> Calibration:
+    """:func:`calibrate` for any target (the NNCF one has no ORT :class:`Plan`)."""
     from ..runtime import Pipeline
 
-    o = p.options
-    pipe = pipeline or Pipeline.load(p.art.path, threads=o.threads, verify=False,
+    pipe = pipeline or Pipeline.load(art.path, threads=o.threads, verify=False,
                                      components=("text_encoder", "unet", "vae_decoder"))
     t0 = time.perf_counter()
-    others = [c for c in p.components if c not in ("unet", "unet_shallow")]
+    others = [c for c in components if c not in ("unet", "unet_shallow")]
     calib = collect_calibration(pipe, o.prompts, o.calib_size, o.calib_steps, o.seed, o.guidance_scale,
                                 o.calib_height, o.calib_width, o.calib_per_run, log, record_components=others)
     held = collect_calibration(pipe, list(reversed(calib.prompts)), max(1, o.holdout), o.calib_steps,
@@ -317,6 +323,10 @@ def quantize_artifact(source: Path | str, out: Path | str, options: QuantizeOpti
     ``Pipeline`` of ``source`` to calibrate with."""
     t_start = time.perf_counter()
     opts = replace(options or QuantizeOptions(), **fields)
+    if opts.target == "openvino":
+        from .nncf_target import quantize_openvino
+
+        return quantize_openvino(source, out, opts, overwrite=overwrite, pipeline=pipeline, log=log)
     p = plan(source, out, opts, overwrite)
     cal = calibrate(p, pipeline, log)
     art = p.art

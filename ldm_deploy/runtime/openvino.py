@@ -247,15 +247,15 @@ def load_component(core: Any, art: Artifact, component: str, precision_hint: str
         static = spec.input_shapes(sizes)
         model.reshape({name: ov.PartialShape(list(shape)) for name, shape in static.items()})
     key = CacheKey(component, onnx_digest(art, component), ov.get_version(), cpu_name(core), precision_hint,
-                   tuple(static_shape) if static_shape else None)
-    cache = cache_dir(art, key) if use_cache else None
+                   tuple(static_shape) if static_shape else None) if use_cache else None
+    cache = cache_dir(art, key) if key is not None else None
     t0 = time.perf_counter()
     try:
         compiled = core.compile_model(model, "CPU", compile_config(precision_hint, threads, cache))
     except Exception as e:
         raise LdmDeployError(f"OpenVINO could not compile {component}: {first_line(e, 300)}") from None
     info = {"compile_seconds": time.perf_counter() - t0, "cache_dir": str(cache) if cache else None,
-            "key": key.to_dict(), "loaded_from_cache": _loaded_from_cache(compiled),
+            "key": key.to_dict() if key else None, "loaded_from_cache": _loaded_from_cache(compiled),
             "execution_precision": str(compiled.get_property("INFERENCE_PRECISION_HINT"))}
     return OpenVinoComponent(spec, compiled, static, info)
 
