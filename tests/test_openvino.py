@@ -226,3 +226,26 @@ def test_nncf_target_bad_input(full_attention, tiny_random_fp32, tmp_path):
     with pytest.raises(LdmDeployError, match="quantizes unet"):
         quantize_artifact(full_attention, tmp_path / "d", target="openvino", components=["text_encoder"])
     assert not any(tmp_path.iterdir())
+
+
+def test_openvino_speed_script_on_tiny_random(nncf_int8, full_attention, tiny_random_fp32, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from ldm_deploy.quantize.build import quantize_artifact
+
+    ort_int8 = tmp_path / "ort-int8"
+    quantize_artifact(tiny_random_fp32, ort_int8, calib_size=2, calib_steps=2, holdout=1, quality_prompts=0)
+    out = tmp_path / "speed"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "openvino_speed.py"), "--ort-fp32",
+                        str(tiny_random_fp32), "--ov-fp32", str(full_attention), "--ort-int8", str(ort_int8),
+                        "--ov-int8", str(nncf_int8[0]), "--size", "64", "--iters", "1", "--warmup", "0",
+                        "--rounds", "1", "--threads", "1", "-o", str(out)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = {row["variant"]: row for row in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"ort-fp32", "ort-int8", "ov-f32", "ov-default", "ov-nncf-int8"}
+    assert all("error" not in row and row["unet_s_per_step"] > 0 for row in rows.values())
+    assert rows["ov-f32"]["unet_cosine_vs_ort_fp32"] > 0.9999  # same fp32 weights, other attention form
+    assert 0.9 < rows["ov-nncf-int8"]["unet_cosine_vs_ort_fp32"] < 1.0
