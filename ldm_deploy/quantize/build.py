@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -326,7 +327,8 @@ def quantize_artifact(source: Path | str, out: Path | str, options: QuantizeOpti
     if opts.target == "openvino":
         from .nncf_target import quantize_openvino
 
-        return quantize_openvino(source, out, opts, overwrite=overwrite, pipeline=pipeline, log=log)
+        return quantize_openvino(source, out, opts, sys.modules[__name__], overwrite=overwrite, pipeline=pipeline,
+                                 log=log)
     p = plan(source, out, opts, overwrite)
     cal = calibrate(p, pipeline, log)
     art = p.art

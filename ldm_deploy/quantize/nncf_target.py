@@ -1,7 +1,7 @@
 """``ldm-quantize --target openvino``: NNCF post-training INT8 of the OpenVINO model read from the
 artifact's ONNX, written as OpenVINO IR (``<component>/model.xml`` + ``model.bin``).
 
-Calibration is the other targets' (:func:`.build.calibrate_artifact`: U-Net inputs from real CFG
+Calibration is the other targets' (``build.calibrate_artifact``: U-Net inputs from real CFG
 trajectories of the runtime) fed to ``nncf.quantize`` through an ``nncf.Dataset``. The U-Net graphs
 use ``model_type=TRANSFORMER`` (NNCF's attention-aware placement; no quantizers on the softmax
 path), and the default exclusions of the other targets (time embedding, conv_in/out, shortcut
@@ -25,13 +25,15 @@ from ..errors import LdmDeployError, first_line
 from ..numerics import compare, mean_errors, psnr, to_uint8
 from ..onnx_ops import check_no_ort_only_ops
 from ..runtime.sessions import check_threads
-from .build import Calibration, QuantizeOptions, _check_components, calibrate_artifact, check_source
 from .recipes import exclusion_patterns
 
 PRESETS = ("mixed", "performance")
 COMPONENTS = ("unet", "unet_shallow", "vae_decoder")
 TRANSFORMER_GRAPHS = ("unet", "unet_shallow")
 Log = Callable[[str], None]
+# QuantizeOptions / Calibration and the shared checks and calibration live in .build, which calls
+# this module: they are passed in (``stage``) rather than imported, to keep the import graph acyclic.
+QuantizeOptions = Calibration = Any
 
 
 def require_nncf() -> tuple[Any, Any]:
@@ -68,9 +70,9 @@ def _escape(text: str) -> str:
     return re.escape(text)
 
 
-def check_options(art: Artifact, opts: QuantizeOptions) -> list[str]:
+def check_options(art: Artifact, opts: QuantizeOptions, stage: Any) -> list[str]:
     """Every check before calibration; returns the components to quantize."""
-    check_source(art)
+    stage.check_source(art)
     if opts.nncf_preset not in PRESETS:
         raise LdmDeployError(f"unknown NNCF preset {opts.nncf_preset!r} (choose from {', '.join(PRESETS)})")
     if opts.method != "minmax":
@@ -84,7 +86,7 @@ def check_options(art: Artifact, opts: QuantizeOptions) -> list[str]:
     comps = list(dict.fromkeys(opts.components))
     if "unet" in comps and "unet_shallow" in art.components and "unet_shallow" not in comps:
         comps.append("unet_shallow")
-    _check_components(art, comps)
+    stage._check_components(art, comps)
     bad = [c for c in comps if c not in COMPONENTS]
     if bad:
         raise LdmDeployError(f"the openvino target quantizes {', '.join(COMPONENTS)}, not {', '.join(bad)}")
@@ -165,18 +167,19 @@ def assess(core: Any, art: Artifact, out_dir: Path, comps: list[str], cal: Calib
     return quality
 
 
-def quantize_openvino(source: Path | str, out: Path | str, opts: QuantizeOptions, *, overwrite: bool = False,
-                      pipeline: Any = None, log: Log = lambda s: None) -> dict[str, Any]:
-    """The whole openvino target: check, calibrate, NNCF-quantize, write, assess."""
+def quantize_openvino(source: Path | str, out: Path | str, opts: QuantizeOptions, stage: Any, *,
+                      overwrite: bool = False, pipeline: Any = None, log: Log = lambda s: None) -> dict[str, Any]:
+    """The whole openvino target: check, calibrate, NNCF-quantize, write, assess. ``stage``: the
+    module :mod:`.build` (shared checks and calibration)."""
     t_start = time.perf_counter()
     art = Artifact.open(source)
-    comps = check_options(art, opts)
+    comps = check_options(art, opts, stage)
     if Path(out).absolute() == art.path.absolute():
         raise LdmDeployError("the output must differ from the source artifact")
     ArtifactWriter(out, overwrite=overwrite)  # refuses an existing or unwritable output before any work
     ov, nncf = require_nncf()
     art.verify([f for c in art.components for f in art.component_files(c)])
-    cal = calibrate_artifact(art, opts, comps, pipeline, log)
+    cal = stage.calibrate_artifact(art, opts, comps, pipeline, log)
     core = ov.Core()
     ignored = ignored_patterns(opts)
     with ArtifactWriter(out, overwrite=overwrite) as w:
