@@ -39,6 +39,7 @@ EXTRAS = {
     "accelerate": "export", "peft": "export", "onnx": "export", "onnxscript": "export", "onnxconverter_common": "export",
     "scipy": "bench", "matplotlib": "bench", "ray": "ray", "torch_pruning": "prune",
     "tensorrt": "tensorrt", "polygraphy": "tensorrt", "cuda": "tensorrt",
+    "openvino": "openvino", "nncf": "openvino",
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve", "starlette": "serve",
 }
 

@@ -149,6 +149,9 @@ VARIANT_FIELDS: dict[str, dict[str, Field]] = {
                        "quality.steps): compare samplers at their own step counts"),
         "cache_interval": Field("int", 1, minimum=1, help="DeepCache: full U-Net every N steps (needs an "
                                 "artifact exported with deepcache)"),
+        "precision_hint": Field("str", "default", choices=("default", "f32", "bf16"),
+                                help="backend openvino: inference precision hint (ldm-generate --ov-precision)"),
+        "static": Field("bool", False, help="backend openvino: compile for the suite's batch and size only"),
     },
     "diffusers": {
         "model": Field("str", required=True, help="model name or diffusers pipeline directory"),
@@ -174,7 +177,7 @@ BUILD_EXPORT: dict[str, Field] = {
     "min_size": Field("int", None, minimum=8, multiple_of=8),
     "max_size": Field("int", None, minimum=8, multiple_of=8),
     "optimize": Field("str", None, choices=("cpu", "cuda", "tensorrt")),
-    "attention": Field("str", "auto", choices=("auto", "sliced", "full")),
+    "attention": Field("str", "auto", choices=("auto", "mha", "sliced", "full")),
     "exporter": Field("str", "torchscript", choices=("torchscript", "dynamo")),
     "validate": Field("bool", True),
     "deepcache": Field("int", None, minimum=1, help="also export the shallow U-Net of feature caching (depth)"),
@@ -182,7 +185,7 @@ BUILD_EXPORT: dict[str, Field] = {
 
 BUILD_QUANTIZE: dict[str, Field] = {
     "quantize": Field("str", required=True, help="runtime variant (or artifact path) to quantize"),
-    "target": Field("str", "cpu", choices=("cpu", "tensorrt")),
+    "target": Field("str", "cpu", choices=("cpu", "tensorrt", "openvino")),
     "method": Field("str", "minmax", choices=("minmax", "percentile", "mse")),
     "components": Field("strlist", ["unet"]),
     "calib_size": Field("int", 64, minimum=1),

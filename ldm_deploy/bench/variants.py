@@ -71,7 +71,12 @@ class RuntimeRunner:
         self.scheduler, self.steps = options.get("scheduler", "ddim"), options.get("steps")
         self.cache_interval = options.get("cache_interval", 1)
         graphs = ("text_encoder", "unet", "vae_decoder") + (("unet_shallow",) if self.cache_interval > 1 else ())
-        self.pipe = Pipeline.load(options["artifact"], backend=options["backend"], threads=threads, components=graphs)
+        extra = {}
+        if options["backend"] == "openvino":
+            static = (settings["batch"], settings["height"], settings["width"]) if options.get("static") else None
+            extra = dict(precision_hint=options.get("precision_hint", "default"), static_shape=static)
+        self.pipe = Pipeline.load(options["artifact"], backend=options["backend"], threads=threads, components=graphs,
+                                  **extra)
         self.unet = self.pipe.components["unet"]
         self.latent_channels, self.vae_scale = self.pipe.latent_channels, self.pipe.vae_scale
         self.height, self.width = settings["height"], settings["width"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ import onnx
 
 from ..artifact import MANIFEST, Artifact, ArtifactWriter, peak_rss_bytes, write_json
 from ..errors import LdmDeployError
+from ..onnx_ops import check_no_ort_only_ops
 from ..runtime.sessions import check_threads
 from ..specs import COMPONENTS, OPTIONAL_COMPONENTS
 from .assess import compare_models, image_psnr
@@ -44,7 +46,7 @@ Log = Callable[[str], None]
 class QuantizeOptions:
     """Everything ``ldm-quantize`` can be told (its flags, one field each)."""
 
-    target: str = "cpu"  # "cpu" (ONNX Runtime) or "tensorrt"
+    target: str = "cpu"  # "cpu" (ONNX Runtime), "tensorrt", or "openvino" (NNCF, OpenVINO IR)
     components: tuple[str, ...] = ("unet",)
     prompts: tuple[str, ...] | None = None  # calibration prompts (None: the built-in set)
     calib_size: int = 64  # U-Net batches kept
@@ -68,6 +70,7 @@ class QuantizeOptions:
     max_calib_memory: int | None = 2 << 30
     seed: int = 0
     threads: int = 0
+    nncf_preset: str = "mixed"  # openvino target: NNCF's QuantizationPreset (mixed | performance)
 
     def __post_init__(self) -> None:  # lists from callers become tuples (the options are hashable data)
         for name in ("components", "prompts", "exclude"):
@@ -126,13 +129,9 @@ def _check_components(art: Artifact, comps: list[str]) -> None:
             raise LdmDeployError(f"artifact {art.path} has no component {c!r}")
 
 
-def _check_tensorrt_ops(structures: dict[str, onnx.ModelProto]) -> None:
+def _check_portable_ops(structures: dict[str, onnx.ModelProto], target: str) -> None:
     for c, model in structures.items():
-        foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-        if foreign:
-            raise LdmDeployError(
-                f"{c} uses ONNX Runtime-only operators ({', '.join(foreign)}); for the tensorrt target quantize "
-                "an artifact exported with --optimize tensorrt (or --attention full)")
+        check_no_ort_only_ops(model, c, f"the {target} target")
 
 
 def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: bool = False) -> Plan:
@@ -159,7 +158,7 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
     patterns = exclusion_patterns([], opts.default_exclusions, opts.quantize_cross_kv)
     structures = {c: load_structure(art.model_file(c)) for c in comps}
     if opts.target == "tensorrt":
-        _check_tensorrt_ops(structures)
+        _check_portable_ops(structures, "tensorrt")
     node_names = {c: [n.name for n in s.graph.node] for c, s in structures.items()}
     match_nodes([n for c in comps for n in node_names[c]], list(opts.exclude), strict=True)
     excluded: dict[str, list[str]] = {}
@@ -179,13 +178,18 @@ def calibrate(p: Plan, pipeline: Any = None, log: Log = lambda s: None) -> Calib
     """Calibration and held-out batches from the runtime's own CFG trajectories. ``pipeline``: an
     already-loaded runtime ``Pipeline`` of the source artifact (it is only observed, so it may
     serve other threads meanwhile); by default one is loaded."""
+    return calibrate_artifact(p.art, p.options, p.components, pipeline, log)
+
+
+def calibrate_artifact(art: Artifact, o: QuantizeOptions, components: list[str], pipeline: Any = None,
+                       log: Log = lambda s: None) -> Calibration:
+    """:func:`calibrate` for any target (the NNCF one has no ORT :class:`Plan`)."""
     from ..runtime import Pipeline
 
-    o = p.options
-    pipe = pipeline or Pipeline.load(p.art.path, threads=o.threads, verify=False,
+    pipe = pipeline or Pipeline.load(art.path, threads=o.threads, verify=False,
                                      components=("text_encoder", "unet", "vae_decoder"))
     t0 = time.perf_counter()
-    others = [c for c in p.components if c not in ("unet", "unet_shallow")]
+    others = [c for c in components if c not in ("unet", "unet_shallow")]
     calib = collect_calibration(pipe, o.prompts, o.calib_size, o.calib_steps, o.seed, o.guidance_scale,
                                 o.calib_height, o.calib_width, o.calib_per_run, log, record_components=others)
     held = collect_calibration(pipe, list(reversed(calib.prompts)), max(1, o.holdout), o.calib_steps,
@@ -320,6 +324,11 @@ def quantize_artifact(source: Path | str, out: Path | str, options: QuantizeOpti
     ``Pipeline`` of ``source`` to calibrate with."""
     t_start = time.perf_counter()
     opts = replace(options or QuantizeOptions(), **fields)
+    if opts.target == "openvino":
+        from .nncf_target import quantize_openvino
+
+        return quantize_openvino(source, out, opts, sys.modules[__name__], overwrite=overwrite, pipeline=pipeline,
+                                 log=log)
     p = plan(source, out, opts, overwrite)
     cal = calibrate(p, pipeline, log)
     art = p.art

@@ -17,6 +17,7 @@ exclude patterns: a glob on node names ('*/up_blocks.3/*'), 're:<regex>', or a p
 examples:
   ldm-quantize tiny-onnx/ -o tiny-int8/
   ldm-quantize sd15-onnx-trt/ -o sd15-int8-trt/ --target tensorrt --method percentile --calib-size 64  # from ldm-export --optimize tensorrt
+  ldm-quantize tiny-onnx-full/ -o tiny-ov-int8/ --target openvino   # from ldm-export --attention full
   ldm-quantize sd15-onnx/ -o sd15-int8/ --calib-prompts prompts.txt --exclude '*/mid_block/*' --sensitivity
 """
 
@@ -45,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("artifact", type=Path, help="fp32 artifact directory (ldm-export output)")
     p.add_argument("-o", "--output", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--target", choices=("cpu", "tensorrt"), default="cpu",
-                   help="cpu: U8S8 QDQ for ORT CPU (VNNI); tensorrt: symmetric INT8 QDQ (default cpu)")
+    p.add_argument("--target", choices=("cpu", "tensorrt", "openvino"), default="cpu",
+                   help="cpu: U8S8 QDQ for ORT CPU (VNNI); tensorrt: symmetric INT8 QDQ; openvino: NNCF INT8 as "
+                   "OpenVINO IR for the openvino backend (source exported with --attention full) (default cpu)")
+    p.add_argument("--nncf-preset", choices=("mixed", "performance"), default="mixed",
+                   help="openvino target: NNCF preset (mixed: asymmetric activations, symmetric weights; default)")
     p.add_argument("--format", dest="quant_format", choices=("qdq", "qoperator"),
                    help="cpu graph format (default qdq; qoperator writes QLinear* ops)")
     p.add_argument("--components", default="unet", help="comma-separated: unet, text_encoder, vae_decoder (default unet; with a --deepcache export, "
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_matmuls={"auto": None, "on": True, "off": False}[args.attention_matmuls],
         sensitivity=args.sensitivity, sensitivity_group=args.sensitivity_group, holdout=args.holdout,
         quality_prompts=args.quality_prompts, max_calib_memory=args.max_calib_memory, seed=args.seed,
-        threads=args.threads, overwrite=args.overwrite, log=log,
+        threads=args.threads, nncf_preset=args.nncf_preset, overwrite=args.overwrite, log=log,
     )
     q = m["quantization"]
     qual = q.get("quality", {})
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"U-Net held-out cosine {qual['unet_heldout']['cosine']:.5f}")
     if "images" in qual:
         parts.append(f"image PSNR {qual['images']['psnr_mean']:.2f} dB")
-    print(f"wrote {args.output} (int8 {args.target}, {args.method}, {', '.join(q['components'])}; "
+    print(f"wrote {args.output} (int8 {args.target}, {q['method']}, {', '.join(q['components'])}; "
           f"{q['calibration']['size']} calibration batches; {m['stats']['quantize_seconds']} s, peak RSS "
           f"{m['stats']['peak_rss_bytes'] / 2**30:.2f} GiB" + ("; " + ", ".join(parts) if parts else "") + ")")
     return 0

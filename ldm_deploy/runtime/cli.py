@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime without its memory arena: lower peak RSS across image sizes, slower steps")
+    p.add_argument("--ov-precision", default="default", choices=("default", "f32", "bf16"),
+                   help="openvino backend: inference precision hint (default: OpenVINO's choice for this CPU; bf16 "
+                   "needs a CPU with bf16)")
+    p.add_argument("--static", action="store_true",
+                   help="openvino backend: compile the graphs for this call's batch and size only (fastest)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="openvino backend: do not cache compiled models in ARTIFACT/openvino-cache/")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -79,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             raise LdmDeployError(f"cannot read init image {args.image}: {e}") from None
     components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ()) + (
         ("unet_shallow",) if sampling.cache_interval > 1 else ())
+    ov_options = {}
+    if args.backend == "openvino":
+        static = None
+        if args.static:
+            h, w = _call_size(args.artifact, args.height, args.width, init)
+            static = (args.num_images, h, w)
+        ov_options = dict(precision_hint=args.ov_precision, static_shape=static, compile_cache=not args.no_compile_cache)
+    elif args.static or args.ov_precision != "default" or args.no_compile_cache:
+        raise LdmDeployError("--ov-precision, --static and --no-compile-cache apply to --backend openvino only")
     pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
-                         components=components, low_memory=args.low_memory)
+                         components=components, low_memory=args.low_memory, **ov_options)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative,
@@ -115,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {', '.join(map(str, paths))} ({out.steps} {sampling.scheduler} steps{caching}, U-Net {t['unet']:.2f} s, "
           f"total {sum(t.values()):.2f} s)")
     return 0
+
+
+def _call_size(artifact: Path, height: int | None, width: int | None, init: object) -> tuple[int, int]:
+    """The image size the call will use (what the pipeline would default to)."""
+    from .pipeline import image_size
+
+    if init is not None:
+        dh, dw = image_size(init)
+    else:
+        ranges = Artifact.open(artifact).shape_ranges
+        dh, dw = ranges.image_height[1], ranges.image_width[1]
+    return (dh if height is None else height, dw if width is None else width)
 
 
 if __name__ == "__main__":

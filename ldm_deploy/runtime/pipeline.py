@@ -18,7 +18,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import LdmDeployError
 from ..specs import ShapeRanges
-from .backends import LoadOptions, get_backend
+from .backends import LoadOptions, check_artifact_backend, get_backend
 from .components import Component
 from .image import check_image, to_model_image, to_pil
 from .memory import limit_heap_retention, release_free_heap
@@ -97,9 +97,12 @@ class Pipeline:
         verify: bool = True,
         components: Sequence[str] = ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"),
         low_memory: bool = False,
+        precision_hint: str = "default",
+        static_shape: tuple[int, int, int] | None = None,
+        compile_cache: bool = True,
     ) -> "Pipeline":
         """Open an artifact and load its components on ``backend`` (see :data:`.backends.BACKENDS`:
-        ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``tensorrt``).
+        ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``tensorrt``, ``openvino``).
 
         ``verify`` checks every file of the loaded components against the manifest's sha256.
         ``vae_encoder`` (img2img) and ``unet_shallow`` (feature caching) are loaded only if the
@@ -108,16 +111,25 @@ class Pipeline:
         ``low_memory``: ONNX Runtime sessions without the CPU memory arena, and freed activation
         memory returned to the OS promptly (:mod:`ldm_deploy.runtime.memory`, a process-wide glibc
         setting): a lower resident peak when one process serves many image sizes, at the cost of
-        slower steps (see :func:`~ldm_deploy.runtime.sessions.session_options`)."""
+        slower steps (see :func:`~ldm_deploy.runtime.sessions.session_options`).
+        OpenVINO only: ``precision_hint`` (``default``: OpenVINO's choice, ``f32``, ``bf16``),
+        ``static_shape`` (batch, image height, image width: compiled for that size alone, the
+        U-Net for the CFG batch 2 x batch), ``compile_cache`` (compiled models cached under
+        ``ARTIFACT/openvino-cache/``)."""
         chosen = get_backend(backend)
+        options = LoadOptions(threads=threads, low_memory=low_memory, precision_hint=precision_hint,
+                              static_shape=tuple(static_shape) if isinstance(static_shape, list) else static_shape,
+                              compile_cache=compile_cache)
+        chosen.check_options(options)
         if low_memory:
             limit_heap_retention()
         art = Artifact.open(path)
+        check_artifact_backend(art, backend)
         wanted = [c for c in components if c in art.components or c not in _OPTIONAL]
         art.check_runtime(wanted)
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
-        loaded = chosen.load(art, wanted, LoadOptions(threads=threads, low_memory=low_memory))
+        loaded = chosen.load(art, wanted, options)
         return cls(art, loaded, ClipTokenizer.from_dir(art.subdir("tokenizer")))
 
     # --- the call ---------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import LdmDeployError
+from ..onnx_ops import ONNX_DOMAINS, graph_ops, load_structure
 
 TABLE = Path(__file__).parent / "data" / "onnx_trt_ops.json"
-ONNX_DOMAINS = ("", "ai.onnx")
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,49 +29,8 @@ def supported_ops() -> frozenset[str]:
     return frozenset(name for name, e in op_table()["operators"].items() if e.get("supported"))
 
 
-def _nodes(graph: Any) -> Iterable[Any]:
-    """All nodes of a graph, including those in subgraphs (If/Loop/Scan bodies)."""
-    import onnx
-
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _nodes(g)
-
-
-def graph_ops(model: Any) -> set[tuple[str, str]]:
-    """(domain, op_type) of every node; calls to the model's local functions are expanded."""
-    functions = {(f.domain, f.name): f for f in model.functions}
-    seen: set[tuple[str, str]] = set()
-    out: set[tuple[str, str]] = set()
-
-    def visit(nodes: Iterable[Any]) -> None:
-        for n in nodes:
-            key = (n.domain or "", n.op_type)
-            if key in functions:
-                if key not in seen:
-                    seen.add(key)
-                    visit(functions[key].node)
-                continue
-            out.add(("ai.onnx" if n.domain in ONNX_DOMAINS else n.domain, n.op_type))
-
-    visit(_nodes(model.graph))
-    return out
-
-
 def _load(onnx_path: Path | str | Any) -> Any:
-    if not isinstance(onnx_path, (str, Path)):
-        return onnx_path
-    import onnx
-
-    p = Path(onnx_path)
-    if not p.is_file():
-        raise LdmDeployError(f"ONNX file {p} does not exist")
-    return onnx.load(str(p), load_external_data=False)  # node types only: no weights needed
+    return load_structure(onnx_path)
 
 
 def unsupported_ops(onnx_path: Path | str | Any) -> list[str]:
