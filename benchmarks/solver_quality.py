@@ -61,6 +61,7 @@ def plot(rows: list[dict], path: Path, shallow_cost: float) -> None:
     ax.set_xscale("log")
     ax.set_xticks([2, 3, 5, 8, 10, 15, 25])
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"U-Net cost per image (full evaluations; a shallow DeepCache call = {shallow_cost:.3f})")
     ax.set_ylabel("prompt adherence (200 prompts)")
     ax.set_title("tiny: adherence vs U-Net evaluations per image")
