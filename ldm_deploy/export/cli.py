@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapter (safetensors file or diffusers LoRA directory; kohya, diffusers or PEFT "
                    "format) fused into the U-Net and text encoder before export, at SCALE (default 1); repeat "
                    "for several")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="export the U-Net with a dynamic text sequence (77 to 231 tokens) so that prompts over 77 "
+                   "tokens can be encoded in 77-token windows (ldm-generate --long-prompts) instead of truncated")
+    p.add_argument("--layout", choices=("ldm-deploy", "optimum"), default="ldm-deploy",
+                   help="optimum: write the artifact in Optimum's ONNX layout (model_index.json, config.json per "
+                   "component, Optimum's I/O names) for ORTStableDiffusionPipeline, instead of ldm-deploy's")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         loras=loras,
         components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
         deepcache=args.deepcache,
+        long_prompts=args.long_prompts,
     )
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     manifest = export_model(args.model, out, opts, overwrite=args.overwrite, log=log)
