@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime without its memory arena: lower peak RSS across image sizes, slower steps")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts over 77 tokens in 77-token windows instead of truncating them (artifacts "
+                   "exported with ldm-export --long-prompts)")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     components = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if init is not None else ()) + (
         ("unet_shallow",) if sampling.cache_interval > 1 else ())
     pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
-                         components=components, low_memory=args.low_memory)
+                         components=components, low_memory=args.low_memory, long_prompts=args.long_prompts)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative,
