@@ -171,3 +171,18 @@ def test_optimum_loads_our_export_and_we_run_optimums(tmp_path):
     results = optimum_interop.run(python, tmp_path, steps=10, guidance=5.0, log=lambda s: None)
     assert results["A_ours_to_optimum"]["passed"], results["A_ours_to_optimum"]
     assert results["B_optimum_to_ours"]["passed"], results["B_optimum_to_ours"]
+
+
+def test_ldm_export_layout_optimum(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "tiny-random-optimum"
+    r = run_cli("ldm-export", "--model", "tiny-random", "--layout", "optimum", "--components",
+                "text_encoder,unet,vae_decoder", "-o", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    assert "Optimum layout" in r.stdout and (out / "model_index.json").is_file()
+    assert not (out / "manifest.json").exists() and not (out / "vae_encoder").exists()
+    assert list(_io(out / "unet" / "model.onnx")[1]) == ["out_sample"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-random-optimum"]  # no staging left behind
+    r = run_cli("ldm-export", "--model", "tiny-random", "--layout", "optimum", "-o", str(out))
+    assert r.returncode == 1 and r.stderr.startswith("ldm-export: error: ") and "already exists" in r.stderr

@@ -19,6 +19,8 @@ examples:
   ldm-export --model tiny --deepcache -o tiny-dc/     (then: ldm-generate tiny-dc/ "..." --cache-interval 3)
   ldm-export --model tiny --lora ldm_deploy/assets/lora/tiny-noir.safetensors:1.0 -o tiny-noir-onnx/
   ldm-export --model ./my-pipeline --height 768 --width 512 --max-batch 2 -o out/
+  ldm-export --model tiny --layout optimum -o tiny-optimum/   (ORTStableDiffusionPipeline.from_pretrained)
+  ldm-export --model tiny --long-prompts -o tiny-long/        (then: ldm-generate tiny-long/ "..." --long-prompts)
 """
 
 
@@ -102,11 +104,39 @@ def main(argv: list[str] | None = None) -> int:
         long_prompts=args.long_prompts,
     )
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.layout == "optimum":
+        return _export_optimum(args.model, out, opts, args.overwrite, log)
     manifest = export_model(args.model, out, opts, overwrite=args.overwrite, log=log)
     stats = manifest["stats"]
     statuses = {k: v["status"] for k, v in manifest["validation"].items()}
     print(f"wrote {out} ({manifest['precision']}, {stats['export_seconds']} s, peak RSS "
           f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB; validation: "
+          + ", ".join(f"{k} {v}" for k, v in statuses.items()) + ")")
+    return 0
+
+
+def _export_optimum(model: str, out: Path, opts, overwrite: bool, log) -> int:  # type: ignore[no-untyped-def]
+    """Export (validated as usual) into a hidden sibling, then write Optimum's layout at ``out``."""
+    import shutil
+    import uuid
+
+    from ..artifact import check_output_path
+    from ..errors import LdmDeployError
+    from ..interop.optimum import to_optimum
+    from .exporter import export_model
+
+    check_output_path(out)
+    if out.exists() and not overwrite:
+        raise LdmDeployError(f"output {out} already exists (pass --overwrite to replace it)")
+    staging = out.absolute().parent / f".ldm-layout-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = export_model(model, staging, opts, log=log)
+        log("writing Optimum's layout")
+        to_optimum(staging, out, overwrite=overwrite, log=log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    statuses = {k: v["status"] for k, v in manifest["validation"].items()}
+    print(f"wrote {out} (Optimum layout for ORTStableDiffusionPipeline, {manifest['precision']}; validation: "
           + ", ".join(f"{k} {v}" for k, v in statuses.items()) + ")")
     return 0
 

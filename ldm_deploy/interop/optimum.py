@@ -249,9 +249,19 @@ def _write_tokenizer(src: Path, dst: Path) -> None:
     if (src / "tokenizer.json").is_file():
         shutil.copytree(src, dst)
         return
-    from ..export.tokenizer import write_tokenizer
+    from tokenizers import Tokenizer
+    from transformers import CLIPTokenizerFast
 
-    write_tokenizer(src, dst)
+    shutil.copytree(src, dst)
+    fast = CLIPTokenizerFast.from_pretrained(str(src))
+    backend = fast.backend_tokenizer
+    backend.no_padding()
+    backend.no_truncation()
+    backend.save(str(dst / "tokenizer.json"))
+    probe = "A photograph of an astronaut riding a horse, 2024!!"
+    if Tokenizer.from_file(str(dst / "tokenizer.json")).encode(probe, add_special_tokens=False).ids != \
+            fast(probe, add_special_tokens=False)["input_ids"]:
+        raise LdmDeployError(f"{src}: the tokenizer.json built from it does not reproduce transformers' token ids")
 
 
 def _has_fp16_weights(model: Any) -> bool:
