@@ -126,7 +126,8 @@ def write_report(r: dict, out: Path) -> None:
     lines += ["", f"Colour word only after token 77, the rest of the caption in both windows "
               f"({', '.join(COLOURS)} x {len(r['per_seed'])} seeds): the classifier reads the asked colour in "
               f"{cf['long_prompts']:.2f} of the images with long_prompts=True, {cf['truncated']:.2f} truncated "
-              "(chance: 1/8 colours).", "", f"Prompt: `{r['prompt']}`", "", f"Colour-follow prompt: `{cf['prompt_example']}`",
+              "(chance: 1/8 colours; truncated, the colour word never arrives, so each seed gives one image for "
+              "all four colours and at most 1 in 4 can match).", "", f"Prompt: `{r['prompt']}`", "", f"Colour-follow prompt: `{cf['prompt_example']}`",
               "", f"Warning without the option: `{r['per_seed'][0]['truncation_warning']}`",
               "", "Reproduce: `python benchmarks/long_prompts.py`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -186,3 +186,10 @@ def test_ldm_export_layout_optimum(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-random-optimum"]  # no staging left behind
     r = run_cli("ldm-export", "--model", "tiny-random", "--layout", "optimum", "-o", str(out))
     assert r.returncode == 1 and r.stderr.startswith("ldm-export: error: ") and "already exists" in r.stderr
+
+
+def test_ldm_quantize_names_the_import_command(optimum_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ldm_deploy.quantize.cli", str(optimum_dir), "-o", str(tmp_path / "q")],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1 and r.stderr.startswith("ldm-quantize: error: ") and "from-optimum" in r.stderr, r.stderr
+    assert not (tmp_path / "q").exists()
