@@ -127,3 +127,17 @@ def test_sequence_axis_in_ranges_and_trt_profiles():
     assert ShapeRanges.from_dict(old).sequence == (77, 77, 77)
     assert ShapeRanges.from_dict(ranges.to_dict()) == ranges
     assert component_specs(ModelDims())["unet"].inputs[2].shape == ("unet_batch", 77, 768)
+
+
+def test_serve_batches_only_prompts_with_the_same_window_count(long_artifact):
+    from ldm_deploy.serve.batcher import Job, run_batch, text_windows
+
+    pipe = Pipeline.load(long_artifact, threads=1, components=COMPONENTS, long_prompts=True)
+    long_text, short_text = prompt(pipe, "white", "red"), "a large red circle on a white background, top left"
+    assert (text_windows(pipe, long_text, None), text_windows(pipe, short_text, None)) == (2, 1)
+    a = Job(long_text, None, 4, 5.0, 64, 64, 0, windows=2)
+    b = Job(short_text, None, 4, 5.0, 64, 64, 1, windows=1)
+    assert a.key != b.key  # never one call: the short prompt would get an extra empty window
+    alone = run_batch(pipe, [b])[0].images[0]
+    direct = pipe(short_text, num_inference_steps=4, guidance_scale=5.0, seed=1).images[0]
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(direct))

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import LdmDeployError
 from ..runtime.pipeline import Pipeline
 from ..specs import MAX_BATCH
-from .batcher import Job
+from .batcher import Job, text_windows
 
 #: A1111 sampler names -> ours.
 SAMPLERS = {"DDIM": "ddim", "DPM++ 2M": "dpm++2m", "DPM++ 2M Karras": "dpm++2m-karras", "Euler": "euler",
@@ -134,8 +134,9 @@ def plan(body: Txt2ImgRequest, pipe: Pipeline, random_seed: int) -> Plan:
     negative = body.negative_prompt or None
     height, width, stochastic = pipe.check_call(body.prompt, negative, body.steps, body.cfg_scale, body.height,
                                                 body.width, 1, seed, eta, scheduler)
+    windows = text_windows(pipe, body.prompt, negative)
     jobs = [Job(body.prompt, negative, body.steps, body.cfg_scale, height, width, seed + i, eta, 1, scheduler, 1,
-                stochastic) for i in range(total)]
+                stochastic, windows=windows) for i in range(total)]
     ignored = sorted(k for k in extra if k not in REFUSED)
     return Plan(body, label, scheduler, jobs, ignored)
 

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ..errors import LdmDeployError, first_line, one_line
 from ..runtime.pipeline import Pipeline
 from . import a1111
-from .batcher import Draining, Job, JobResult, MicroBatcher, QueueFull
+from .batcher import Draining, Job, JobResult, MicroBatcher, QueueFull, text_windows
 from .config import ServeConfig
 from .metrics import Metrics
 from .schema import GenerateRequest, GenerateResponse, validation_message
@@ -30,7 +30,8 @@ from .schema import GenerateRequest, GenerateResponse, validation_message
 def load_pipeline(config: ServeConfig) -> Pipeline:
     """The text-to-image pipeline of ``config.artifact`` (no VAE encoder: no img2img here)."""
     return Pipeline.load(config.artifact, backend=config.backend, threads=config.threads, verify=config.verify,
-                         components=("text_encoder", "unet", "unet_shallow", "vae_decoder"))
+                         components=("text_encoder", "unet", "unet_shallow", "vae_decoder"),
+                         long_prompts=config.long_prompts)
 
 
 def max_batch_of(config: ServeConfig, pipe: Pipeline) -> int:
@@ -115,7 +116,8 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         except LdmDeployError as e:
             return error(422, str(e))
         job = Job(body.prompt, body.negative_prompt, body.steps, body.guidance_scale, height, width, seed,
-                  body.eta, body.num_images, body.scheduler, body.cache_interval, stochastic)
+                  body.eta, body.num_images, body.scheduler, body.cache_interval, stochastic,
+                  windows=text_windows(pipe, body.prompt, body.negative_prompt))
         try:
             future = batcher.submit(job)
         except QueueFull:
