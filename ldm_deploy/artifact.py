@@ -239,6 +239,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def optimum_layout(path: Path | str) -> bool:
+    """Whether ``path`` looks like a Hugging Face Optimum ONNX diffusion export (``model_index.json``
+    and ``unet/model.onnx``, no ``manifest.json``): see :mod:`ldm_deploy.interop.optimum`."""
+    path = Path(path)
+    return (not (path / MANIFEST).is_file() and (path / "model_index.json").is_file()
+            and (path / "unet" / "model.onnx").is_file())
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -260,6 +268,10 @@ class Artifact:
         if not path.is_dir():
             raise LdmDeployError(f"artifact directory {path} does not exist")
         mf = path / MANIFEST
+        if not mf.is_file() and optimum_layout(path):
+            raise LdmDeployError(
+                f"{path} is an Optimum ONNX export, not an ldm-deploy artifact: import it once with "
+                f"python -m ldm_deploy.interop.optimum from-optimum {path} OUT, then use OUT")
         if not mf.is_file():
             raise LdmDeployError(f"{path} is not an ldm-deploy artifact (no {MANIFEST})")
         try:

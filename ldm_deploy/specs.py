@@ -15,9 +15,13 @@ axis              meaning                                                    use
 ``width``         latent width  (image width / vae_scale)                    unet, vae_decoder
 ``image_height``  image height in pixels                                     vae_encoder (in), vae_decoder (out)
 ``image_width``   image width in pixels                                      vae_encoder (in), vae_decoder (out)
+``sequence``      text tokens the U-Net attends to: 77 x prompt windows      unet (``--long-prompts``)
 ================  =========================================================  ================
 
-The token sequence length is static (77 for CLIP).
+The text encoder's token sequence is static (77 for CLIP). The U-Net's is too, unless the artifact
+was exported with ``--long-prompts``: then ``encoder_hidden_states`` has the dynamic ``sequence``
+axis (``ShapeRanges.sequence``: 77 .. 77 x :data:`MAX_PROMPT_CHUNKS`), so that the runtime can
+concatenate the embeddings of several 77-token windows of one prompt.
 
 With feature caching (DeepCache, arXiv:2312.00858; ``ldm-export --deepcache``) the U-Net is two
 graphs from the same weights: ``unet`` also outputs ``cache_feature`` (the hidden state entering
@@ -35,7 +39,9 @@ from .errors import LdmDeployError
 Point = Literal["min", "opt", "max"]
 Dim = Union[int, str]
 
-AXES = ("batch", "unet_batch", "height", "width", "image_height", "image_width")
+AXES = ("batch", "unet_batch", "height", "width", "image_height", "image_width", "sequence")
+#: Long prompts: at most this many 77-token windows (75 prompt tokens each) per prompt.
+MAX_PROMPT_CHUNKS = 3
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 #: Graphs that exist only with an export option (``unet_shallow``: ``--deepcache``).
 OPTIONAL_COMPONENTS = ("unet_shallow",)
@@ -119,10 +125,13 @@ class DeepCacheDims:
     channels: int
 
 
-def component_specs(dims: ModelDims, deepcache: DeepCacheDims | None = None) -> dict[str, ComponentSpec]:
+def component_specs(dims: ModelDims, deepcache: DeepCacheDims | None = None,
+                    long_prompts: bool = False) -> dict[str, ComponentSpec]:
     """The SD components' I/O, with this model's static sizes filled in (and the two U-Net graphs
-    of feature caching when ``deepcache`` is given)."""
+    of feature caching when ``deepcache`` is given; with ``long_prompts`` the U-Net's text
+    sequence is the dynamic ``sequence`` axis)."""
     c, s, d = dims.latent_channels, dims.seq_len, dims.text_hidden
+    context_len: Dim = "sequence" if long_prompts else s
     specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
@@ -134,7 +143,7 @@ def component_specs(dims: ModelDims, deepcache: DeepCacheDims | None = None) -> 
             inputs=(
                 TensorSpec("sample", FLOAT, ("unet_batch", c, "height", "width")),
                 TensorSpec("timestep", FLOAT, (1,)),
-                TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", s, d)),
+                TensorSpec("encoder_hidden_states", FLOAT, ("unet_batch", context_len, d)),
             ),
             outputs=(TensorSpec("noise_pred", FLOAT, ("unet_batch", c, "height", "width")),),
         ),
@@ -206,6 +215,8 @@ class ShapeRanges:
     vae_scale: int = 8
     size_multiple: int = 64
     cfg: bool = True
+    #: tokens of text context the U-Net takes (only a ``--long-prompts`` U-Net has it dynamic)
+    sequence: tuple[int, int, int] = (77, 77, 77)
 
     def __post_init__(self) -> None:
         for name in ("batch", "image_height", "image_width"):
@@ -227,6 +238,7 @@ class ShapeRanges:
             "width": tuple(v // f for v in w),
             "image_height": h,
             "image_width": w,
+            "sequence": tuple(self.sequence),
         }
 
     def sizes(self, point: Point = "opt") -> dict[str, int]:
@@ -254,8 +266,8 @@ class ShapeRanges:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShapeRanges":
-        keys = ("batch", "image_height", "image_width", "vae_scale", "size_multiple", "cfg")
-        return cls(**{k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in keys})
+        keys = ("batch", "image_height", "image_width", "vae_scale", "size_multiple", "cfg", "sequence")
+        return cls(**{k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in keys if k in d})
 
 
 @dataclass

@@ -389,3 +389,21 @@ def test_ray_serve_two_replicas_serve_the_same_images(pipe, artifact):
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+
+
+def test_a_deterministic_request_waits_for_company_and_a_stochastic_one_does_not(pipe):
+    """The oldest deterministic job waits up to max_wait for compatible ones (a regression once made
+    every job ready at once); a stochastic one never waits."""
+    import asyncio
+
+    from ldm_deploy.serve.batcher import Job, MicroBatcher
+
+    async def check() -> None:
+        batcher = MicroBatcher(pipe, max_batch=4, max_wait_s=60.0, queue_size=8)
+        batcher._queue.append(Job("x", None, 4, 5.0, 64, 64, 0))
+        assert not batcher._ready()
+        batcher._queue.clear()
+        batcher._queue.append(Job("x", None, 4, 5.0, 64, 64, 0, eta=0.5))
+        assert batcher._ready()
+
+    asyncio.run(check())

@@ -19,6 +19,8 @@ examples:
   ldm-export --model tiny --deepcache -o tiny-dc/     (then: ldm-generate tiny-dc/ "..." --cache-interval 3)
   ldm-export --model tiny --lora ldm_deploy/assets/lora/tiny-noir.safetensors:1.0 -o tiny-noir-onnx/
   ldm-export --model ./my-pipeline --height 768 --width 512 --max-batch 2 -o out/
+  ldm-export --model tiny --layout optimum -o tiny-optimum/   (ORTStableDiffusionPipeline.from_pretrained)
+  ldm-export --model tiny --long-prompts -o tiny-long/        (then: ldm-generate tiny-long/ "..." --long-prompts)
 """
 
 
@@ -61,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA adapter (safetensors file or diffusers LoRA directory; kohya, diffusers or PEFT "
                    "format) fused into the U-Net and text encoder before export, at SCALE (default 1); repeat "
                    "for several")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="export the U-Net with a dynamic text sequence (77 to 231 tokens) so that prompts over 77 "
+                   "tokens can be encoded in 77-token windows (ldm-generate --long-prompts) instead of truncated")
+    p.add_argument("--layout", choices=("ldm-deploy", "optimum"), default="ldm-deploy",
+                   help="optimum: write the artifact in Optimum's ONNX layout (model_index.json, config.json per "
+                   "component, Optimum's I/O names) for ORTStableDiffusionPipeline, instead of ldm-deploy's")
     p.add_argument("--no-validate", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
@@ -93,13 +101,42 @@ def main(argv: list[str] | None = None) -> int:
         loras=loras,
         components=tuple(c.strip() for c in args.components.split(",") if c.strip()),
         deepcache=args.deepcache,
+        long_prompts=args.long_prompts,
     )
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.layout == "optimum":
+        return _export_optimum(args.model, out, opts, args.overwrite, log)
     manifest = export_model(args.model, out, opts, overwrite=args.overwrite, log=log)
     stats = manifest["stats"]
     statuses = {k: v["status"] for k, v in manifest["validation"].items()}
     print(f"wrote {out} ({manifest['precision']}, {stats['export_seconds']} s, peak RSS "
           f"{stats['peak_rss_bytes'] / 2**30:.2f} GiB; validation: "
+          + ", ".join(f"{k} {v}" for k, v in statuses.items()) + ")")
+    return 0
+
+
+def _export_optimum(model: str, out: Path, opts, overwrite: bool, log) -> int:  # type: ignore[no-untyped-def]
+    """Export (validated as usual) into a hidden sibling, then write Optimum's layout at ``out``."""
+    import shutil
+    import uuid
+
+    from ..artifact import check_output_path
+    from ..errors import LdmDeployError
+    from ..interop.optimum import to_optimum
+    from .exporter import export_model
+
+    check_output_path(out)
+    if out.exists() and not overwrite:
+        raise LdmDeployError(f"output {out} already exists (pass --overwrite to replace it)")
+    staging = out.absolute().parent / f".ldm-layout-{out.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = export_model(model, staging, opts, log=log)
+        log("writing Optimum's layout")
+        to_optimum(staging, out, overwrite=overwrite, log=log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    statuses = {k: v["status"] for k, v in manifest["validation"].items()}
+    print(f"wrote {out} (Optimum layout for ORTStableDiffusionPipeline, {manifest['precision']}; validation: "
           + ", ".join(f"{k} {v}" for k, v in statuses.items()) + ")")
     return 0
 

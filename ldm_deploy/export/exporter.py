@@ -17,7 +17,7 @@ from ..errors import LdmDeployError, ValidationError
 from ..inputs import example_inputs
 from ..runtime.memory import release_free_heap
 from ..specs import (
-    COMPONENTS, MAX_IMAGE_SIDE, ComponentSpec, ShapeRanges, check_batch_size, check_image_side, check_side_bounds,
+    COMPONENTS, MAX_IMAGE_SIDE, MAX_PROMPT_CHUNKS, ComponentSpec, ShapeRanges, check_batch_size, check_image_side, check_side_bounds,
     component_specs,
 )
 from .lora import LoraSpec, check_lora_specs
@@ -49,6 +49,7 @@ class ExportOptions:
     attention: str = "auto"  # "mha" (ORT fused), "sliced" (per-head self-attention), "full", or "auto"
     deepcache: int | None = None  # feature caching: the shallow graph's depth (None: one plain U-Net graph)
     loras: tuple[LoraSpec, ...] = ()  # adapters fused into the U-Net and text encoder before export
+    long_prompts: bool = False  # U-Net with a dynamic text sequence (prompts over 77 tokens, chunked)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def check_options(opts: ExportOptions) -> None:
     check_lora_specs(list(opts.loras))
 
 
-def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int) -> ShapeRanges:
+def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale: int,
+                 seq_len: int = 77) -> ShapeRanges:
     """Validate the user's sizes and build the artifact's shape ranges."""
     check_options(opts)
     h = opts.height if opts.height is not None else native
@@ -137,6 +139,7 @@ def shape_ranges(opts: ExportOptions, native: int, size_multiple: int, vae_scale
             image_width=(min(lo, w), w, max(hi, w)),
             vae_scale=vae_scale,
             size_multiple=size_multiple,
+            sequence=(seq_len, seq_len, seq_len * (MAX_PROMPT_CHUNKS if opts.long_prompts else 1)),
         )
     except ValueError as e:
         raise LdmDeployError(str(e)) from None
@@ -196,9 +199,10 @@ def export_model(
             loras = fuse_loras(model, list(opts.loras), log=log)
         dims = model.dims()
         native_size = int(model.unet.config.sample_size) * dims.vae_scale
-        ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale)
+        ranges = shape_ranges(opts, native_size, dims.size_multiple, dims.vae_scale, dims.seq_len)
         deepcache = deepcache_dims(model.unet, opts.deepcache) if opts.deepcache else None
-        specs = component_specs(dims, deepcache)
+        specs = component_specs(dims, deepcache, long_prompts=opts.long_prompts)
+        configs = model_configs(model)
         if plan.attention in ("sliced", "mha"):
             set_export_attention(model.unet, plan.attention)
         scratch = writer.path / ".scratch"
@@ -269,6 +273,8 @@ def export_model(
                 "attention": plan.attention,
                 "exporter": opts.exporter,
                 "model_dims": dims.__dict__,
+                "long_prompts": opts.long_prompts,
+                "model_configs": configs,
                 "deepcache": None if deepcache is None else {**deepcache.__dict__, "full": "unet",
                                                               "shallow": "unet_shallow"},
                 "shape_ranges": ranges.to_dict(),
@@ -283,6 +289,21 @@ def export_model(
         )
         manifest = writer.manifest
     return manifest
+
+
+def model_configs(model) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The source model's diffusers / transformers configs (what other runtimes, e.g. Optimum,
+    read beside the graphs), as JSON-safe dicts."""
+    import json
+
+    out: dict[str, Any] = {}
+    for name in ("unet", "vae", "text_encoder"):
+        config = getattr(getattr(model, name, None), "config", None)
+        if config is None:
+            continue
+        d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        out[name] = json.loads(json.dumps(d, default=str))
+    return out
 
 
 def release_memory() -> None:

@@ -34,6 +34,8 @@ def _torch_dims(spec: ComponentSpec, ranges: ShapeRanges, size_multiple_latent: 
         lo, _, hi = axes[axis]
         # torch.export specialises size-1 dims; start ranges at 1 but let the exporter see >= 2
         dims[axis] = Dim(axis, min=1, max=max(hi, 2))
+    if axes["sequence"][2] > axes["sequence"][0]:
+        dims["sequence"] = Dim("sequence", min=axes["sequence"][0], max=axes["sequence"][2])
     for axis, pix in (("height", "image_height"), ("width", "image_width")):
         lo, _, hi = axes[axis]
         q = Dim(f"{axis}_q", min=max(1, lo // size_multiple_latent), max=max(hi // size_multiple_latent, 2))
@@ -46,7 +48,8 @@ def trace_sizes(ranges: ShapeRanges, unet_factor: int) -> dict[str, int]:
     """Axis sizes to trace at: batch 2 and two U-Net downsampling cells per side -- small (fast
     to trace) yet off the values the exporters specialise (size 1) -- so every axis stays
     symbolic."""
-    sizes = {"batch": 2, "unet_batch": 2}
+    lo, _, hi = ranges.sequence  # a dynamic text sequence is traced at its longest (off the static 77)
+    sizes = {"batch": 2, "unet_batch": 2, "sequence": hi if hi > lo else lo}
     for axis, pix in (("height", "image_height"), ("width", "image_width")):
         sizes[axis] = 2 * unet_factor
         sizes[pix] = sizes[axis] * ranges.vae_scale

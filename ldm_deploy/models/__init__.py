@@ -89,6 +89,25 @@ class LoadedModel:
             src, dst = self.tokenizer_dir / name, Path(path) / "tokenizer" / name
             if src.is_file() and not dst.exists():
                 shutil.copyfile(src, dst)
+        _prefix_text_model(Path(path) / "text_encoder" / "model.safetensors")
+
+
+def _prefix_text_model(file: Path) -> None:
+    """Name the text encoder's weights ``text_model.*`` as every SD checkpoint does: transformers 5
+    saves ``CLIPTextModel`` without that level (and loads both), transformers 4 (what Optimum runs
+    on) finds nothing under the new names and silently initialises a random text encoder."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    if not file.is_file():
+        return
+    with safe_open(str(file), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(file))
+    if all(k.startswith("text_model.") for k in tensors):
+        return
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in tensors.items()}, str(file),
+              metadata=metadata)
 
 
 def model_dims(unet_config: Any, vae_config: Any, text_config: Any) -> ModelDims:

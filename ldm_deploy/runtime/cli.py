@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openvino backend: compile the graphs for this call's batch and size only (fastest)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="openvino backend: do not cache compiled models in ARTIFACT/openvino-cache/")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts over 77 tokens in 77-token windows instead of truncating them (artifacts "
+                   "exported with ldm-export --long-prompts)")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.static or args.ov_precision != "default" or args.no_compile_cache:
         raise LdmDeployError("--ov-precision, --static and --no-compile-cache apply to --backend openvino only")
     pipe = Pipeline.load(args.artifact, backend=args.backend, threads=args.threads, verify=not args.no_verify,
-                         components=components, low_memory=args.low_memory, **ov_options)
+                         components=components, low_memory=args.low_memory, long_prompts=args.long_prompts,
+                         **ov_options)
     out = pipe(
         args.prompt,
         negative_prompt=args.negative,

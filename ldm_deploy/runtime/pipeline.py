@@ -75,7 +75,8 @@ class Pipeline:
     scheduler loop with classifier-free guidance) and :meth:`decode` (latents -> pixels).
     """
 
-    def __init__(self, artifact: Artifact, components: dict[str, Component], tokenizer: ClipTokenizer):
+    def __init__(self, artifact: Artifact, components: dict[str, Component], tokenizer: ClipTokenizer,
+                 long_prompts: bool = False):
         self.artifact = artifact
         self.components = components
         self.tokenizer = tokenizer
@@ -87,6 +88,14 @@ class Pipeline:
         self.latent_channels = int(dims["latent_channels"])
         self.scaling_factor = float(dims["vae_scaling_factor"])
         self.default_size = (self.ranges.image_height[1], self.ranges.image_width[1])
+        self.long_prompts = long_prompts
+        if long_prompts:
+            context = components["unet"].spec.inputs[2] if "unet" in components else None
+            if context is None or not isinstance(context.shape[1], str):
+                raise LdmDeployError(f"long_prompts needs a U-Net with a dynamic text sequence; {artifact.path} takes "
+                                     "77 tokens: re-export it with ldm-export --long-prompts")
+        #: 77-token windows a long prompt may take (the U-Net's sequence range / 77)
+        self.max_chunks = max(1, self.ranges.sequence[2] // tokenizer.max_length)
 
     @classmethod
     def load(
@@ -100,6 +109,7 @@ class Pipeline:
         precision_hint: str = "default",
         static_shape: tuple[int, int, int] | None = None,
         compile_cache: bool = True,
+        long_prompts: bool = False,
     ) -> "Pipeline":
         """Open an artifact and load its components on ``backend`` (see :data:`.backends.BACKENDS`:
         ``ort-cpu``, ``ort-cuda``, ``ort-trt``, ``tensorrt``, ``openvino``).
@@ -115,7 +125,9 @@ class Pipeline:
         OpenVINO only: ``precision_hint`` (``default``: OpenVINO's choice, ``f32``, ``bf16``),
         ``static_shape`` (batch, image height, image width: compiled for that size alone, the
         U-Net for the CFG batch 2 x batch), ``compile_cache`` (compiled models cached under
-        ``ARTIFACT/openvino-cache/``)."""
+        ``ARTIFACT/openvino-cache/``).
+        ``long_prompts``: prompts over 77 tokens are encoded in 77-token windows whose embeddings
+        are concatenated (artifacts exported with ``--long-prompts``) instead of truncated."""
         chosen = get_backend(backend)
         options = LoadOptions(threads=threads, low_memory=low_memory, precision_hint=precision_hint,
                               static_shape=tuple(static_shape) if isinstance(static_shape, list) else static_shape,
@@ -130,7 +142,7 @@ class Pipeline:
         if verify:
             art.verify([f for c in wanted for f in art.component_files(c)] + _tokenizer_files(art))
         loaded = chosen.load(art, wanted, options)
-        return cls(art, loaded, ClipTokenizer.from_dir(art.subdir("tokenizer")))
+        return cls(art, loaded, ClipTokenizer.from_dir(art.subdir("tokenizer")), long_prompts=long_prompts)
 
     # --- the call ---------------------------------------------------------------------------
     def __call__(
@@ -193,20 +205,30 @@ class Pipeline:
 
     # --- the phases, usable on their own ------------------------------------------------------
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1,
-                      observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
-        """Text embeddings [len(prompts) x num_images_per_prompt, 77, D]."""
-        ids = self.tokenizer(prompts)
-        emb = self._run("text_encoder", observer, input_ids=ids)
+                      observer: PipelineObserver = _NO_OBSERVER, chunks: int | None = None) -> np.ndarray:
+        """Text embeddings [len(prompts) x num_images_per_prompt, 77, D]; with ``chunks``, each
+        prompt encoded in that many 77-token windows, concatenated: [.., chunks x 77, D]."""
+        if chunks is None:
+            emb = self._run("text_encoder", observer, input_ids=self.tokenizer(prompts))
+        else:
+            ids = self.tokenizer.chunked(prompts, chunks)
+            emb = np.concatenate([self._run("text_encoder", observer, input_ids=ids[:, c]) for c in range(chunks)],
+                                 axis=1)
         return np.repeat(emb, num_images_per_prompt, axis=0)
 
     def encode(self, prompts: list[str], negative_prompt: str | list[str] | None, num_images_per_prompt: int,
                cfg: bool, observer: PipelineObserver = _NO_OBSERVER) -> np.ndarray:
-        """The U-Net's text context: [unconditional; conditional] with guidance, conditional without."""
-        cond = self.encode_prompt(prompts, num_images_per_prompt, observer)
+        """The U-Net's text context: [unconditional; conditional] with guidance, conditional without.
+        With ``long_prompts`` the prompts and negative prompts are all encoded in as many 77-token
+        windows as the longest needs (at most :attr:`max_chunks`)."""
+        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt") if cfg else []
+        chunks = None
+        if self.long_prompts:
+            chunks = min(self.max_chunks, self.tokenizer.chunks_needed(prompts + negatives))
+        cond = self.encode_prompt(prompts, num_images_per_prompt, observer, chunks)
         if not cfg:
             return cond
-        negatives = _broadcast(negative_prompt, len(prompts), "negative_prompt")
-        return np.concatenate([self.encode_prompt(negatives, num_images_per_prompt, observer), cond])
+        return np.concatenate([self.encode_prompt(negatives, num_images_per_prompt, observer, chunks), cond])
 
     def prepare_latents(self, scheduler: Any, batch: int, height: int, width: int, steps: int,
                         rng: np.random.Generator, latents: np.ndarray | None = None, image: Any = None,

@@ -105,8 +105,38 @@ class ClipTokenizer:
             ids[row, len(tokens) + 1] = self.eos_token_id
         if truncated:
             warnings.warn(
-                f"CLIP handles at most {keep} prompt tokens, the rest was truncated: " + "; ".join(truncated),
+                f"CLIP handles at most {keep} prompt tokens, the rest was truncated: " + "; ".join(truncated)
+                + " (long_prompts=True / --long-prompts on an artifact exported with ldm-export --long-prompts "
+                "encodes them in 77-token windows)",
                 UserWarning,
                 stacklevel=2,
             )
+        return ids
+
+    def chunks_needed(self, prompts: list[str]) -> int:
+        """77-token windows (``max_length - 2`` prompt tokens each) the longest prompt needs (>= 1)."""
+        keep = self.max_length - 2
+        lengths = [len(e.ids) for e in self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
+        return max(1, *(-(-n // keep) for n in lengths))
+
+    def chunked(self, prompts: list[str], n_chunks: int) -> np.ndarray:
+        """Token ids in ``n_chunks`` windows per prompt, int32 [len(prompts), n_chunks, max_length]:
+        each window holds the next ``max_length - 2`` tokens wrapped in bos/eos and padded (a prompt
+        that ends early gets empty windows: bos, eos, padding). Tokens past the last window are cut
+        with a warning."""
+        keep = self.max_length - 2
+        ids = np.full((len(prompts), n_chunks, self.max_length), self.pad_token_id, dtype=np.int32)
+        truncated = []
+        for row, encoding in enumerate(self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
+            tokens = encoding.ids
+            if len(tokens) > keep * n_chunks:
+                truncated.append(f"prompt {row} lost {len(tokens) - keep * n_chunks} tokens")
+            for c in range(n_chunks):
+                part = tokens[c * keep:(c + 1) * keep]
+                ids[row, c, 0] = self.bos_token_id
+                ids[row, c, 1:len(part) + 1] = part
+                ids[row, c, len(part) + 1] = self.eos_token_id
+        if truncated:
+            warnings.warn(f"long prompts take at most {n_chunks} windows of {keep} tokens, the rest was truncated: "
+                          + "; ".join(truncated), UserWarning, stacklevel=2)
         return ids

@@ -1,4 +1,5 @@
-"""The HTTP routes: ``POST /v1/generate``, ``GET /health``, ``GET /metrics`` and the page at ``/``."""
+"""The HTTP routes: ``POST /v1/generate``, ``POST /sdapi/v1/txt2img`` (AUTOMATIC1111's API, see
+:mod:`.a1111`), ``GET /health``, ``GET /metrics`` and the page at ``/``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -18,7 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..errors import LdmDeployError, first_line, one_line
 from ..runtime.pipeline import Pipeline
-from .batcher import Draining, Job, JobResult, MicroBatcher, QueueFull
+from . import a1111
+from .batcher import Draining, Job, JobResult, MicroBatcher, QueueFull, text_windows
 from .config import ServeConfig
 from .metrics import Metrics
 from .schema import GenerateRequest, GenerateResponse, validation_message
@@ -27,7 +30,8 @@ from .schema import GenerateRequest, GenerateResponse, validation_message
 def load_pipeline(config: ServeConfig) -> Pipeline:
     """The text-to-image pipeline of ``config.artifact`` (no VAE encoder: no img2img here)."""
     return Pipeline.load(config.artifact, backend=config.backend, threads=config.threads, verify=config.verify,
-                         components=("text_encoder", "unet", "unet_shallow", "vae_decoder"))
+                         components=("text_encoder", "unet", "unet_shallow", "vae_decoder"),
+                         long_prompts=config.long_prompts)
 
 
 def max_batch_of(config: ServeConfig, pipe: Pipeline) -> int:
@@ -112,7 +116,8 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         except LdmDeployError as e:
             return error(422, str(e))
         job = Job(body.prompt, body.negative_prompt, body.steps, body.guidance_scale, height, width, seed,
-                  body.eta, body.num_images, body.scheduler, body.cache_interval, stochastic)
+                  body.eta, body.num_images, body.scheduler, body.cache_interval, stochastic,
+                  windows=text_windows(pipe, body.prompt, body.negative_prompt))
         try:
             future = batcher.submit(job)
         except QueueFull:
@@ -131,7 +136,55 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         metrics.latency.observe(time.perf_counter() - t0)
         return _answer(result, seed, png)
 
+    @app.post("/sdapi/v1/txt2img", responses={422: {}, 429: {}, 503: {}})
+    async def a1111_txt2img(body: a1111.Txt2ImgRequest, request: Request) -> Response:
+        """AUTOMATIC1111's txt2img API on the same batcher: ``{images, parameters, info}``."""
+        t0 = time.perf_counter()
+        batcher: MicroBatcher = request.app.state.batcher
+        try:
+            plan = a1111.plan(body, request.app.state.pipe, secrets.randbits(32))
+        except LdmDeployError as e:
+            return error(422, str(e))
+        futures: list[asyncio.Future[JobResult]] = []
+        try:
+            for job in plan.jobs:
+                futures.append(batcher.submit(job))
+        except (QueueFull, Draining) as e:
+            for f in futures:
+                f.cancel()
+            if isinstance(e, Draining):
+                return error(503, "the server is shutting down", headers={"Connection": "close"})
+            return error(429, f"the queue is full ({batcher.queue_size} requests waiting); retry later",
+                         headers={"Retry-After": str(batcher.retry_after_s())})
+        try:
+            results = await _all_done_or_gone(futures, request)
+        except Exception as e:  # noqa: BLE001 - a batch failed (the arguments were checked): a server error
+            return error(500, f"generation failed: {first_line(e)}")
+        if results is None:
+            metrics.requests.labels(status="499").inc()
+            return Response(status_code=499)
+        metrics.requests.labels(status="200").inc()
+        metrics.latency.observe(time.perf_counter() - t0)
+        images = [base64.b64encode(_png(im)).decode("ascii") for r in results for im in r.images]
+        return JSONResponse(a1111.response(plan, images, Path(str(config.artifact)).name))
+
     return app
+
+
+async def _all_done_or_gone(futures: "list[asyncio.Future[JobResult]]", request: Request) -> list[JobResult] | None:
+    """Every job's result, or None if the client disconnected first (the jobs are then cancelled)."""
+    gathered = asyncio.gather(*futures)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({gathered, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if gathered.done():
+        return gathered.result()
+    for f in futures:
+        f.cancel()
+    gathered.cancel()
+    return None
 
 
 async def _until_done_or_gone(future: "asyncio.Future[JobResult]", request: Request) -> JobResult | None:

@@ -49,6 +49,7 @@ class Job:
     scheduler: str = "ddim"
     cache_interval: int = 1
     stochastic: bool = False  # draws random numbers while sampling (Pipeline.check_call tells)
+    windows: int = 1  # 77-token text windows (long prompts): only jobs with as many share a call
     enqueued: float = field(default_factory=time.monotonic)
     future: "asyncio.Future[JobResult] | None" = None
     key: tuple = ()
@@ -56,7 +57,8 @@ class Job:
     def __post_init__(self) -> None:
         # the pipeline takes one size / steps / guidance / sampler per call; stochastic jobs never share
         self.key = (self.height, self.width, self.steps, float(self.guidance_scale), self.scheduler,
-                    self.cache_interval, f"stochastic-{next(_unique)}" if self.stochastic or self.eta > 0 else "")
+                    self.cache_interval, self.windows,
+                    f"stochastic-{next(_unique)}" if self.stochastic or self.eta > 0 else "")
 
 
 _unique = itertools.count()
@@ -70,6 +72,15 @@ class JobResult:
     steps: int
     batch_size: int
     timings: dict[str, float]
+
+
+def text_windows(pipe: Pipeline, prompt: str, negative_prompt: str | None) -> int:
+    """The 77-token windows a call encodes this prompt in (1 unless the pipeline runs long prompts):
+    a batch encodes every prompt in as many windows as its longest, so only jobs with the same
+    count share a call and each image stays the one its request gets alone."""
+    if not pipe.long_prompts:
+        return 1
+    return min(pipe.max_chunks, pipe.tokenizer.chunks_needed([prompt, negative_prompt or ""]))
 
 
 def initial_latents(pipe: Pipeline, job: Job) -> np.ndarray:
@@ -188,7 +199,7 @@ class MicroBatcher:
     def _ready(self) -> bool:
         """The oldest job's batch is full (or cannot grow), its wait is over, or we are closing."""
         first = self._queue[0]
-        if self._closing or first.key[-1] != "ddim":
+        if self._closing or first.key[-1] != "":  # stochastic jobs never get company: no wait
             return True
         images = sum(j.num_images for j in self._queue if j.key == first.key)
         return images >= self.max_batch or time.monotonic() >= first.enqueued + self.max_wait_s

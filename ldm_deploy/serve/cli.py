@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds to wait for in-flight requests (default 60)")
+    p.add_argument("--long-prompts", action="store_true",
+                   help="encode prompts over 77 tokens in 77-token windows (artifacts exported with --long-prompts)")
     p.add_argument("--no-verify", action="store_true", help="skip checking file hashes against the manifest")
     p.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (needs the ray extra)")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own pipeline (default 1)")

@@ -12,7 +12,7 @@ from ..errors import LdmDeployError
 class ServeConfig:
     """``max_batch``: images per pipeline call (None: the artifact's max batch); ``max_wait_ms``:
     how long the first request of a batch waits for company; ``queue``: requests that may wait
-    (beyond: 429); ``backend``/``threads``/``verify``: as for :meth:`Pipeline.load`."""
+    (beyond: 429); ``backend``/``threads``/``verify``/``long_prompts``: as for :meth:`Pipeline.load`."""
 
     artifact: Path | str
     max_batch: int | None = None
@@ -21,6 +21,7 @@ class ServeConfig:
     backend: str = "ort-cpu"
     threads: int = 0
     verify: bool = True
+    long_prompts: bool = False  # prompts over 77 tokens in 77-token windows (--long-prompts artifacts)
 
     def check(self) -> None:
         """One-line errors for values that cannot work."""

@@ -76,7 +76,7 @@ def build_ranges(
                   image_width=w or exported.image_width)
     if static:
         out = replace(out, batch=(out.batch[1],) * 3, image_height=(out.image_height[1],) * 3,
-                      image_width=(out.image_width[1],) * 3)
+                      image_width=(out.image_width[1],) * 3, sequence=(out.sequence[1],) * 3)
     return out
 
 
