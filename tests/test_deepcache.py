@@ -225,3 +225,16 @@ def test_generate_cli_with_cache_interval(tiny_random_deepcache, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "x.png").is_file()
     assert "U-Net" in proc.stdout
+
+
+def test_fast_preset_and_explicit_flags_win(tiny_random_deepcache, tmp_path):
+    from ldm_deploy.runtime.presets import PRESETS, resolve_sampling
+
+    fast = PRESETS["fast"]
+    assert resolve_sampling("fast") == fast
+    assert resolve_sampling("fast", steps=4, cache_interval=2, has_deepcache=True).steps == 4
+    assert resolve_sampling(None).scheduler == "ddim" and resolve_sampling(None).steps == 25
+    proc = run_cli("ldm-generate", str(tiny_random_deepcache), "a red circle", "-o", str(tmp_path / "f.png"),
+                   "--fast", "--steps", "3", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert f"3 {fast.scheduler} steps" in proc.stdout

@@ -1,8 +1,10 @@
 """Sampling presets: named choices of scheduler, step count and feature caching.
 
 ``fast`` is the combination with the best measured quality per second (benchmarks/README.md,
-"Seconds per image"): DPM-Solver++ 2M at 10 steps, with the full U-Net every 3rd step where the
-artifact has the DeepCache graphs.
+"Seconds per image"): Euler at 10 steps. On the embedded ``tiny`` model it keeps adherence within
+1 point of DDIM at 25 steps (0.980 vs 0.990, 200 prompts) with 2.5x fewer U-Net calls; DPM-Solver++
+2M at 10 steps (0.410) and feature caching at 10 steps (0.535 with Euler, interval 3) fell short,
+and DDIM 15 with DeepCache interval 2 matched Euler 10 (0.980) at the same U-Net cost.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ class Sampling:
     cache_interval: int = 1
 
 
-PRESETS: dict[str, Sampling] = {"fast": Sampling("dpm++2m", 10, 3)}
+PRESETS: dict[str, Sampling] = {"fast": Sampling("euler", 10, 1)}
 
 
 def describe_preset(name: str) -> str:
     p = PRESETS[name]
-    return f"{p.scheduler}, {p.steps} steps, cache interval {p.cache_interval} (1 without DeepCache graphs)"
+    caching = f", cache interval {p.cache_interval} (1 without DeepCache graphs)" if p.cache_interval > 1 else ""
+    return f"{p.scheduler}, {p.steps} steps{caching}"
 
 
 def resolve_sampling(preset: str | None, scheduler: str | None = None, steps: int | None = None,
