@@ -130,7 +130,7 @@ def test_interval_one_equals_the_plain_artifact(pipe, tiny_random_fp32):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
-def test_cached_loop_matches_a_torch_deepcache_reference(pipe, tiny_random_torch, scheduler):
+def test_cached_loop_matches_a_torch_deepcache_reference(pipe, tiny_random_torch, scheduler, monkeypatch):
     """diffusers' pipeline with its U-Net call replaced by the torch full/shallow modules under the
     same schedule gives our runtime's images from the same latents."""
 
@@ -153,7 +153,7 @@ def test_cached_loop_matches_a_torch_deepcache_reference(pipe, tiny_random_torch
         state["i"] += 1
         return (out,)
 
-    unet.forward = cached_forward
+    monkeypatch.setattr(unet, "forward", cached_forward)  # the session's model: restored after the test
     latents = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
     with torch.no_grad():
         ref = sd(PROMPTS, num_inference_steps=7, guidance_scale=7.5, latents=torch.from_numpy(latents),
