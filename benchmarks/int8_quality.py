@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(artifact: str, prompts: list[str], steps: int, seed: int, guidance: float, batch: int) -> np.ndarray:
+def generate(artifact: str, prompts: list[str], steps: int, seed: int, guidance: float, batch: int = 1,
+             threads: int = 0, **load: object) -> np.ndarray:
+    """uint8 images, prompt i from seed + i (``load``: more Pipeline.load options, e.g. a backend)."""
     from ldm_deploy.runtime import Pipeline
 
-    pipe = Pipeline.load(artifact, components=("text_encoder", "unet", "vae_decoder"))
+    pipe = Pipeline.load(artifact, components=("text_encoder", "unet", "vae_decoder"), threads=threads, **load)
     out = []
     for i, p in enumerate(prompts):
         img = pipe(p, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i, output_type="np").images

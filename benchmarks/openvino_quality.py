@@ -21,23 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-
-def generate(artifact: str, prompts: list[str], steps: int, seed: int, guidance: float, threads: int,
-             **load: object) -> np.ndarray:
-    from ldm_deploy.runtime import Pipeline
-
-    pipe = Pipeline.load(artifact, components=("text_encoder", "unet", "vae_decoder"), threads=threads, **load)
-    out = []
-    for i, p in enumerate(prompts):
-        img = pipe(p, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i, output_type="np").images
-        out.append(np.clip(np.round(img[0] * 255), 0, 255).astype(np.uint8))
-    return np.stack(out)
-
-
-def _clean(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in ("predictions", "correct")}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_quality import _clean, generate  # noqa: E402  (one copy of the image loop)
 
 
 def main() -> None:
