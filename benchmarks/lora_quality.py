@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_quality import pipeline_images  # noqa: E402  (one copy of the image loop)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -41,16 +44,6 @@ ADAPTER = ROOT / "ldm_deploy" / "assets" / "lora" / "tiny-noir.safetensors"
 
 def latents_for(n: int, seed0: int = 0) -> np.ndarray:
     return np.stack([np.random.default_rng(seed0 + i).standard_normal((4, 8, 8)).astype(np.float32) for i in range(n)])
-
-
-def generate(pipe, prompts: list[str], latents: np.ndarray, steps: int, guidance: float) -> np.ndarray:  # type: ignore[no-untyped-def]
-    batch = pipe.ranges.batch[2]
-    out = []
-    for s in range(0, len(prompts), batch):
-        imgs = pipe(prompts[s:s + batch], num_inference_steps=steps, guidance_scale=guidance,
-                    latents=latents[s:s + batch], output_type="np").images
-        out.append((imgs * 255).round().astype(np.uint8))
-    return np.concatenate(out)
 
 
 def graph_stats(path: Path) -> dict:
@@ -129,7 +122,7 @@ def main() -> None:
                 ("trigger", trig, lat_trig, [with_trigger(caption(a)) for a in trig], [effect(a) for a in trig]),
             ):
                 t0 = time.perf_counter()
-                imgs = generate(pipe, prompts, lat, args.steps, args.guidance)
+                imgs = pipeline_images(pipe, prompts, lat, args.steps, args.guidance)
                 r = evaluate(imgs, target, inception=False, return_predictions=True)
                 row = {"n": r["n"], "adherence": r["adherence"], "per_attribute": r["per_attribute"],
                        "domain_fid": r["domain_fid"], "seconds": round(time.perf_counter() - t0, 1)}

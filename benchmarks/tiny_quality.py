@@ -45,6 +45,11 @@ def runtime_images(artifact: Path, prompts: list[str], latents: np.ndarray, step
     from ldm_deploy.runtime import Pipeline
 
     pipe = Pipeline.load(artifact, components=("text_encoder", "unet", "vae_decoder"))
+    return pipeline_images(pipe, prompts, latents, steps, guidance)
+
+
+def pipeline_images(pipe, prompts: list[str], latents: np.ndarray, steps: int, guidance: float) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """uint8 images of a loaded runtime Pipeline, as many prompts per call as the artifact allows."""
     batch = pipe.ranges.batch[2]
     out = []
     for s in range(0, len(prompts), batch):

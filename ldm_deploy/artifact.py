@@ -251,6 +251,20 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; one :class:`LdmDeployError` line when it is missing, not JSON or
+    not an object."""
+    if not path.is_file():
+        raise LdmDeployError(f"file {path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LdmDeployError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LdmDeployError(f"{path} is not a JSON object")
+    return data
+
+
 @dataclass
 class Artifact:
     """A read-only view of a finished artifact directory.

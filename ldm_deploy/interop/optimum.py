@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from ..artifact import (
     MANIFEST, Artifact, ArtifactWriter, check_output_path, library_versions, optimum_layout, rename_noreplace,
-    write_json,
+    read_json_object, write_json,
 )
 from ..errors import LdmDeployError, cli_entry, first_line
 from ..specs import MAX_BATCH, MAX_IMAGE_SIDE, MAX_PROMPT_CHUNKS, ComponentSpec, ModelDims, ShapeRanges, component_specs
@@ -129,7 +129,7 @@ def from_optimum(src: Path | str, out: Path | str, overwrite: bool = False, max_
         raise LdmDeployError(f"{src} is already an ldm-deploy artifact (it has a {MANIFEST})")
     if not optimum_layout(src):
         raise LdmDeployError(f"{src} is not an Optimum ONNX export (needs model_index.json and unet/{ONNX_NAME})")
-    index = _read_json(src / "model_index.json")
+    index = read_json_object(src / "model_index.json")
     if index.get("text_encoder_2") not in (None, [None, None]) or index.get("transformer") not in (None, [None, None]):
         raise LdmDeployError(f"{src} is a {index.get('_class_name', 'pipeline')} export; only Stable Diffusion 1.x/2.x-"
                              "class pipelines (one CLIP text encoder and a U-Net) can be imported")
@@ -139,9 +139,9 @@ def from_optimum(src: Path | str, out: Path | str, overwrite: bool = False, max_
     components = [c for c in NAMES if (src / c / ONNX_NAME).is_file()]
     if not (src / "tokenizer").is_dir() or not (src / "scheduler" / "scheduler_config.json").is_file():
         raise LdmDeployError(f"{src} lacks tokenizer/ or scheduler/scheduler_config.json")
-    unet_cfg = _read_json(src / "unet" / "config.json")
-    vae_cfg = _read_json(src / "vae_decoder" / "config.json")
-    text_cfg = _read_json(src / "text_encoder" / "config.json")
+    unet_cfg = read_json_object(src / "unet" / "config.json")
+    vae_cfg = read_json_object(src / "vae_decoder" / "config.json")
+    text_cfg = read_json_object(src / "text_encoder" / "config.json")
     graphs = {c: _load_graph(src / c / ONNX_NAME) for c in components}
     dims = _model_dims(unet_cfg, vae_cfg, text_cfg, graphs["unet"].graph)
     long_prompts = isinstance(graph_io.io_dims(_value(graphs["unet"].graph.input, "encoder_hidden_states"))[1], str)
@@ -319,18 +319,6 @@ def _external_tensors(graph: Any) -> Any:
                 yield attr.t
             for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
                 yield from _external_tensors(g)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise LdmDeployError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LdmDeployError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise LdmDeployError(f"{path} is not a JSON object")
-    return data
 
 
 class _AtomicDir:

@@ -73,12 +73,11 @@ class OnnxComponent:
         return DeviceBinding(self, self.cast(constants))
 
 
-class HostBinding:
-    """CPU: the constants are cast once and added to every call's feeds."""
+class OutputsBinding:
+    """``run`` (first output) and ``run_all`` (every spec output) over one ``_run(names, inputs)``,
+    which a backend's binding implements."""
 
-    def __init__(self, component: OnnxComponent, constants: dict[str, np.ndarray]):
-        self.component = component
-        self.constants = constants
+    component: Any
 
     def run(self, **inputs: np.ndarray) -> np.ndarray:
         return self._run(self.component.spec.output_names[:1], inputs)[0]
@@ -87,12 +86,23 @@ class HostBinding:
         return self._run(self.component.spec.output_names, inputs)
 
     def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class HostBinding(OutputsBinding):
+    """CPU: the constants are cast once and added to every call's feeds."""
+
+    def __init__(self, component: OnnxComponent, constants: dict[str, np.ndarray]):
+        self.component = component
+        self.constants = constants
+
+    def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         c = self.component
         feeds = {**self.constants, **c.cast(inputs)}
         return [o.astype(np.float32, copy=False) for o in c.session.run(names, feeds)]
 
 
-class DeviceBinding:
+class DeviceBinding(OutputsBinding):
     """CUDA / TensorRT execution providers: an I/O binding with the constants on the device."""
 
     def __init__(self, component: OnnxComponent, constants: dict[str, np.ndarray]):
@@ -103,12 +113,6 @@ class DeviceBinding:
         self._ort = ort
         for name, value in constants.items():
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
-
-    def run(self, **inputs: np.ndarray) -> np.ndarray:
-        return self._run(self.component.spec.output_names[:1], inputs)[0]
-
-    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
-        return self._run(self.component.spec.output_names, inputs)
 
     def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         c = self.component

@@ -29,6 +29,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import LdmDeployError, first_line
 from ..specs import ComponentSpec
+from .components import OutputsBinding
 
 CACHE_DIR = "openvino-cache"
 PRECISION_HINTS = ("default", "f32", "bf16")  # default: whatever OpenVINO picks for this CPU
@@ -206,19 +207,13 @@ class OpenVinoComponent:
         return OpenVinoBinding(self, self.cast(constants))
 
 
-class OpenVinoBinding:
+class OpenVinoBinding(OutputsBinding):
     """An infer request of its own (one per call/thread) with the constants cast once."""
 
     def __init__(self, component: OpenVinoComponent, constants: dict[str, np.ndarray]):
         self.component = component
         self.constants = constants
         self.request = component.compiled.create_infer_request()
-
-    def run(self, **inputs: np.ndarray) -> np.ndarray:
-        return self._run(self.component.spec.output_names[:1], inputs)[0]
-
-    def run_all(self, **inputs: np.ndarray) -> list[np.ndarray]:
-        return self._run(self.component.spec.output_names, inputs)
 
     def _run(self, names: list[str], inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         c = self.component

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..artifact import Artifact
+from ..artifact import Artifact, read_json_object
 from ..errors import LdmDeployError
 from ..specs import ShapeRanges
 from .backends import LoadOptions, check_artifact_backend, get_backend
@@ -81,7 +81,7 @@ class Pipeline:
         self.components = components
         self.tokenizer = tokenizer
         m = artifact.manifest
-        self.scheduler_config: dict[str, Any] = _read_json(artifact.path / "scheduler" / "scheduler_config.json")
+        self.scheduler_config: dict[str, Any] = read_json_object(artifact.path / "scheduler" / "scheduler_config.json")
         self.ranges: ShapeRanges = artifact.shape_ranges
         dims = m["model_dims"]
         self.vae_scale = int(dims["vae_scale"])
@@ -415,11 +415,3 @@ def _progress_bar(progress: bool | Callable[[int, int], None], total: int) -> Ca
 
 def _tokenizer_files(art: Artifact) -> list[str]:
     return [rel for rel in art.manifest.get("files", {}) if rel.startswith(("tokenizer/", "scheduler/"))]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    if not path.is_file():
-        raise LdmDeployError(f"artifact file {path} is missing")
-    return json.loads(path.read_text())
