@@ -1,8 +1,8 @@
 """Image quality of the OpenVINO variants on the embedded ``tiny`` model: adherence, domain FID,
 PSNR/SSIM vs ONNX Runtime fp32 (same prompts, same seeds).
 
-Variants: ORT fp32 (the reference; ``--ort-artifact``, the default fused-MHA export), OpenVINO with
-precision hints f32 and default, and OpenVINO + NNCF INT8 (``ldm-quantize --target openvino`` of
+Variants: ORT fp32 (the reference; ``--ort-artifact``, the default fused-MHA export), ORT INT8 (``ldm-quantize
+--target cpu`` of it), OpenVINO with precision hints f32 and default, and OpenVINO + NNCF INT8 (``ldm-quantize --target openvino`` of
 ``--ov-artifact``, an export with ``--attention full``)::
 
     ldm-export --model tiny -o tiny-onnx && ldm-export --model tiny --attention full -o tiny-onnx-full
@@ -51,17 +51,19 @@ def main() -> None:
     ref = generate(a.ort_artifact, **gen)
     rows = [{"variant": "ORT fp32", "seconds": time.perf_counter() - t0, **_clean(evaluate(ref, attrs, inception=False))}]
     with tempfile.TemporaryDirectory(prefix="ov-quality-") as tmp:
-        int8 = Path(tmp) / "nncf-int8"
-        t0 = time.perf_counter()
-        m = quantize_artifact(a.ov_artifact, int8, target="openvino", calib_size=a.calib_size,
-                              calib_steps=a.calib_steps, quality_prompts=0, threads=a.threads)
-        q_s = time.perf_counter() - t0
-        variants = [("OpenVINO f32", a.ov_artifact, {"precision_hint": "f32"}, None),
-                    ("OpenVINO default", a.ov_artifact, {"precision_hint": "default"}, None),
-                    ("OpenVINO + NNCF INT8", str(int8), {}, m)]
-        for name, art, load, manifest in variants:
+        quantized = {}
+        for target, src in (("cpu", a.ort_artifact), ("openvino", a.ov_artifact)):
+            t0 = time.perf_counter()  # the same calibration settings (and so the same trajectories) for both
+            m = quantize_artifact(src, Path(tmp) / target, target=target, calib_size=a.calib_size,
+                                  calib_steps=a.calib_steps, quality_prompts=0, threads=a.threads)
+            quantized[target] = (str(Path(tmp) / target), m, time.perf_counter() - t0)
+        variants = [("ORT INT8 (cpu target)", "ort-cpu", quantized["cpu"], {}),
+                    ("OpenVINO f32", "openvino", (a.ov_artifact, None, None), {"precision_hint": "f32"}),
+                    ("OpenVINO default", "openvino", (a.ov_artifact, None, None), {"precision_hint": "default"}),
+                    ("OpenVINO + NNCF INT8", "openvino", quantized["openvino"], {})]
+        for name, backend, (art, manifest, q_s), load in variants:
             t0 = time.perf_counter()
-            imgs = generate(art, backend="openvino", **load, **gen)
+            imgs = generate(art, backend=backend, **load, **gen)
             r = _clean(evaluate(imgs, attrs, reference_images=ref, inception=False))
             row = {"variant": name, "seconds": time.perf_counter() - t0, **r}
             if manifest:
@@ -85,7 +87,8 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {fmt(r['adherence'], '.3f')} | {fmt(r['adherence_seen'], '.3f')} | "
                      f"{fmt(r['adherence_heldout'], '.3f')} | {fmt(r['domain_fid'], '.3f')} | "
                      f"{fmt(r.get('psnr'), '.2f')} | {fmt(r.get('ssim'), '.4f')} | {fmt(cos, '.5f')} |")
-    lines += ["", f"NNCF INT8: {a.calib_size} CFG calibration batches over {a.calib_steps}-step runs, preset mixed. "
+    lines += ["", f"INT8 rows: {a.calib_size} CFG calibration batches over {a.calib_steps}-step runs (the same for both; "
+              "NNCF preset mixed). "
               "PSNR/SSIM: against the ORT fp32 images of the same prompt and seed (inf = identical).", "",
               f"Reproduce: `python benchmarks/openvino_quality.py {' '.join(sys.argv[1:])}`"]
     outp.with_suffix(".md").write_text("\n".join(lines) + "\n")
