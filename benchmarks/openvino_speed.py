@@ -117,6 +117,14 @@ def _quantize(src: str, out: Path, target: str, calib_size: int, calib_steps: in
     return {"wall_seconds": round(time.perf_counter() - t0, 2), **m["stats"], "quality": q.get("quality", {})}
 
 
+def _prebuilt(path: str) -> dict | None:
+    """Build cost of an INT8 artifact made before this run, as its manifest recorded it."""
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    if "quantization" not in m or "stats" not in m:  # not a stage's finished output: no cost recorded
+        return None
+    return {"prebuilt": True, **m.get("stats", {}), "quality": m["quantization"].get("quality", {})}
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
@@ -151,6 +159,9 @@ def main() -> None:
     if ort_int8 is None and "ort-int8" in a.variants:
         ort_int8 = str(Path(tmp.name) / "ort-int8")
         builds["ort-int8"] = _quantize(a.ort_fp32, Path(ort_int8), "cpu", a.calib_size, a.calib_steps, a.threads)
+    for name, path in (("ort-int8", ort_int8), ("ov-nncf-int8", ov_int8)):
+        if path is not None and name in a.variants:
+            builds[name] = _prebuilt(path)
     if ov_int8 is None and "ov-nncf-int8" in a.variants:
         ov_int8 = str(Path(tmp.name) / "ov-int8")
         builds["ov-nncf-int8"] = _quantize(a.ov_fp32, Path(ov_int8), "openvino", a.calib_size, a.calib_steps,
