@@ -21,15 +21,12 @@ def _outputs(path: str, backend: str, batches: list[dict], threads: int) -> list
     from ldm_deploy.artifact import Artifact
 
     art = Artifact.open(path)
-    if backend == "openvino":
+    if backend == "openvino":  # the same runner ldm-quantize --target openvino reports with
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(art.model_file("unet")), "CPU",
-                                           {"INFERENCE_NUM_THREADS": threads} if threads else {})
-        names = {n for p in compiled.inputs for n in p.get_names()}
-        req = compiled.create_infer_request()
-        return [np.array(req.infer({k: v for k, v in b.items() if k in names})[compiled.output(0)], np.float32)
-                for b in batches]
+        from ldm_deploy.quantize.nncf_target import _ov_outputs
+
+        return _ov_outputs(ov.Core(), art.model_file("unet"), batches, threads)
     from ldm_deploy.quantize.assess import onnx_outputs
 
     return onnx_outputs(art.model_file("unet"), batches, threads)
