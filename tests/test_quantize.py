@@ -325,3 +325,35 @@ def test_cli_exclude_pattern_and_prompt_file(tiny_random_fp32, tmp_path, capsys)
     assert q["exclusions"]["nodes_per_pattern"]["*/mid_block/*"] > 0
     assert any("/mid_block/" in n for n in q["per_component"]["unet"]["excluded"])
     shutil.rmtree(out)
+
+
+# --------------------------------------------------------------------------- --ranges-from
+
+
+def test_ranges_from_reproduces_the_graph_and_takes_new_exclusions(cpu_int8, tiny_random_fp32, tmp_path):
+    same = quantize_artifact(tiny_random_fp32, tmp_path / "same", target="cpu", ranges_from=str(cpu_int8),
+                             holdout=2, quality_prompts=1)
+    first = Artifact.open(cpu_int8).manifest["quantization"]
+    q = same["quantization"]
+    # same ranges + same recipe: the same INT8 graph, reported on the same held-out batches and image
+    assert (tmp_path / "same" / "unet" / "model.onnx").read_bytes() == (cpu_int8 / "unet" / "model.onnx").read_bytes()
+    assert q["quality"]["unet_heldout"]["cosine"] == pytest.approx(first["quality"]["unet_heldout"]["cosine"], abs=1e-9)
+    assert q["quality"]["images"]["psnr"] == pytest.approx(first["quality"]["images"]["psnr"])
+    assert q["calibration"]["ranges_from"] == str(cpu_int8.absolute())
+    assert q["calibration"]["prompts"] == first["calibration"]["prompts"]
+    assert q["per_component"]["unet"]["range_passes"] == 0
+
+    fewer = quantize_artifact(tiny_random_fp32, tmp_path / "fewer", target="cpu", ranges_from=str(cpu_int8),
+                              exclude=["*/mid_block/*"], holdout=1, quality_prompts=0)["quantization"]
+    assert fewer["per_component"]["unet"]["excluded_nodes"] > first["per_component"]["unet"]["excluded_nodes"]
+    assert fewer["per_component"]["unet"]["quantize_linear"] < first["per_component"]["unet"]["quantize_linear"]
+
+
+def test_ranges_from_bad_inputs(cpu_int8, tiny_random_fp32, tiny_random_trt, tmp_path, capsys):
+    src, out, prev = str(tiny_random_fp32), str(tmp_path / "out"), str(cpu_int8)
+    assert "no ranges to reuse" in _fail(capsys, src, "-o", out, "--ranges-from", src)
+    assert "--method minmax" in _fail(capsys, src, "-o", out, "--ranges-from", prev, "--method", "mse")
+    assert "calibrated on" in _fail(capsys, str(tiny_random_trt), "-o", out, "--ranges-from", prev)
+    assert "--sensitivity" in _fail(capsys, src, "-o", out, "--ranges-from", prev, "--sensitivity")
+    assert "does not exist" in _fail(capsys, src, "-o", out, "--ranges-from", str(tmp_path / "missing"))
+    assert not Path(out).exists()

@@ -71,6 +71,7 @@ class QuantizeOptions:
     seed: int = 0
     threads: int = 0
     nncf_preset: str = "mixed"  # openvino target: NNCF's QuantizationPreset (mixed | performance)
+    ranges_from: str | None = None  # an earlier cpu/tensorrt output of the same source: reuse its ranges
 
     def __post_init__(self) -> None:  # lists from callers become tuples (the options are hashable data)
         for name in ("components", "prompts", "exclude"):
@@ -91,6 +92,17 @@ class Plan:
     patterns: list[str]  # default exclusion patterns
     excluded: dict[str, list[str]]  # component -> node names kept in fp32
     per_pattern: dict[str, int]  # pattern -> candidate nodes it excludes
+    reused: ReusedRanges | None = None  # --ranges-from: ranges and calibration settings of an earlier run
+
+
+@dataclass
+class ReusedRanges:
+    """Activation ranges recorded by an earlier ``ldm-quantize`` of the same source (``--ranges-from``)."""
+
+    path: Path
+    ranges: dict[str, dict[str, tuple[float, float]]]  # component -> tensor -> (low, high)
+    calibration: dict[str, Any]  # the earlier run's calibration meta
+    calibration_seconds: float
 
 
 @dataclass
@@ -100,6 +112,13 @@ class Calibration:
     calib: CalibrationSet
     held: CalibrationSet | None
     seconds: float
+    reused: ReusedRanges | None = None  # set when the ranges come from an earlier run (no calibration batches)
+
+    def meta(self) -> dict[str, Any]:
+        if self.reused is None:
+            return self.calib.meta()
+        return {**self.reused.calibration, "ranges_from": str(self.reused.path.absolute()),
+                "original_calibration_seconds": self.reused.calibration_seconds}
 
     def batches(self, component: str) -> list[dict[str, np.ndarray]]:
         if component == "unet_shallow":
@@ -170,15 +189,69 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
         excluded[c] = sorted({n for ns in hits.values() for n in ns if n in cand})
         for p, ns in hits.items():
             per_pattern[p] = per_pattern.get(p, 0) + len([n for n in ns if n in cand])
+    reused = load_reused_ranges(opts.ranges_from, art, opts, rcp, comps) if opts.ranges_from else None
     art.verify([f for c in art.components for f in art.component_files(c)])
-    return Plan(art, opts, comps, rcp, structures, patterns, excluded, per_pattern)
+    return Plan(art, opts, comps, rcp, structures, patterns, excluded, per_pattern, reused)
+
+
+def load_reused_ranges(path: Path | str, art: Artifact, opts: QuantizeOptions, rcp: Recipe,
+                       comps: list[str]) -> ReusedRanges:
+    """The ranges of an earlier cpu/tensorrt quantization of ``art`` at ``path``, checked to fit this run:
+    same source artifact, same range method and activation symmetry, every component present."""
+    if opts.sensitivity:
+        raise LdmDeployError("--sensitivity needs calibration batches; it cannot be combined with --ranges-from")
+    prev = Artifact.open(path)
+    q = prev.manifest.get("quantization")
+    if not q or q.get("target") not in ("cpu", "tensorrt"):
+        raise LdmDeployError(f"{prev.path} is not a cpu or tensorrt ldm-quantize output: it has no ranges to reuse")
+    parent = prev.manifest.get("parent", {})
+    if (Path(parent.get("path", "")).absolute() != art.path.absolute()
+            or parent.get("created") != art.manifest.get("created")):
+        raise LdmDeployError(f"the ranges in {prev.path} were calibrated on {parent.get('path')}, not on {art.path}")
+    if q.get("method") != opts.method or (opts.method == "percentile" and q.get("percentile") != opts.percentile):
+        raise LdmDeployError(f"the ranges in {prev.path} come from --method {q.get('method')}"
+                             + (f" --percentile {q.get('percentile')}" if q.get("method") == "percentile" else "")
+                             + "; pass the same method to reuse them")
+    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+    for c in comps:
+        f = prev.path / Path(art.components[c]["file"]).parent / "calibration_ranges.json"
+        if c not in q.get("components", []) or not f.is_file():
+            raise LdmDeployError(f"{prev.path} has no recorded ranges for {c}")
+        data = json.loads(f.read_text())
+        if bool(data.get("symmetric")) != rcp.symmetric_activations:
+            raise LdmDeployError(f"the ranges in {prev.path} are {'' if data.get('symmetric') else 'a'}symmetric; "
+                                 f"the {rcp.target} target needs {'' if rcp.symmetric_activations else 'a'}symmetric ones")
+        ranges[c] = {k: (float(lo), float(hi)) for k, (lo, hi) in data["ranges"].items()}
+    return ReusedRanges(prev.path, ranges, q["calibration"], float(q.get("calibration_seconds", 0.0)))
 
 
 def calibrate(p: Plan, pipeline: Any = None, log: Log = lambda s: None) -> Calibration:
     """Calibration and held-out batches from the runtime's own CFG trajectories. ``pipeline``: an
     already-loaded runtime ``Pipeline`` of the source artifact (it is only observed, so it may
     serve other threads meanwhile); by default one is loaded."""
+    if p.reused is not None:
+        return _heldout_only(p, pipeline, log)
     return calibrate_artifact(p.art, p.options, p.components, pipeline, log)
+
+
+def _heldout_only(p: Plan, pipeline: Any, log: Log) -> Calibration:
+    """With reused ranges only the held-out batches are sampled, with the earlier run's settings."""
+    from ..runtime import Pipeline
+
+    o, meta = p.options, p.reused.calibration  # type: ignore[union-attr]
+    prompts = list(meta["prompts"])
+    calib = CalibrationSet(batches=[], timesteps=[], step_indices=[], prompt_indices=[], prompts=prompts,
+                           steps=meta["steps"], seed=meta["seed"], guidance_scale=meta["guidance_scale"],
+                           height=meta["height"], width=meta["width"])
+    t0 = time.perf_counter()
+    held = None
+    if o.holdout:
+        pipe = pipeline or Pipeline.load(p.art.path, threads=o.threads, verify=False,
+                                         components=("text_encoder", "unet", "vae_decoder"))
+        held = collect_calibration(pipe, list(reversed(prompts)), o.holdout, meta["steps"], meta["seed"] + 100_003,
+                                   meta["guidance_scale"], meta["height"], meta["width"])
+    log(f"calibration: ranges reused from {p.reused.path}; held-out batches in {time.perf_counter() - t0:.1f} s")  # type: ignore[union-attr]
+    return Calibration(calib, held, time.perf_counter() - t0, p.reused)
 
 
 def calibrate_artifact(art: Artifact, o: QuantizeOptions, components: list[str], pipeline: Any = None,
@@ -211,13 +284,21 @@ def quantize_components(p: Plan, cal: Calibration, out_dir: Path, log: Log = lam
     for c in p.components:
         src_file = p.art.model_file(c)
         batches = cal.batches(c)
-        if not batches:
-            raise LdmDeployError(f"no calibration inputs were recorded for {c}")
         t0 = time.perf_counter()
         targets = calibration_targets(p.structures[c], rcp.op_types, outputs=[t for t in rcp.op_types if t not in no_out])
-        coll = collect_ranges(src_file, batches, targets, o.method, max_calib_memory=o.max_calib_memory,
-                              threads=o.threads, log=log)
-        ranges = coll.ranges(o.method, symmetric=rcp.symmetric_activations, percentile=o.percentile)
+        coll = None
+        if p.reused is not None:
+            ranges = p.reused.ranges[c]
+            missing = [t for t in targets if t not in ranges]
+            if missing:
+                raise LdmDeployError(f"{p.reused.path} has no range for {len(missing)} tensors of {c} "
+                                     f"(first: {missing[0]}); calibrate again without --ranges-from")
+        else:
+            if not batches:
+                raise LdmDeployError(f"no calibration inputs were recorded for {c}")
+            coll = collect_ranges(src_file, batches, targets, o.method, max_calib_memory=o.max_calib_memory,
+                                  threads=o.threads, log=log)
+            ranges = coll.ranges(o.method, symmetric=rcp.symmetric_activations, percentile=o.percentile)
         ranges_s = time.perf_counter() - t0
         rel = Path(p.art.components[c]["file"])
         (out_dir / rel.parent).mkdir(parents=True, exist_ok=True)
@@ -236,10 +317,10 @@ def quantize_components(p: Plan, cal: Calibration, out_dir: Path, log: Log = lam
             "excluded_nodes": len(p.excluded[c]),
             "excluded": p.excluded[c],
             "calibrated_tensors": len(targets),
-            "calibration_batches": len(batches),
-            "range_passes": coll.passes,
-            "range_chunks": coll.chunks,
-            "exposed_bytes_per_batch": coll.estimated_bytes,
+            "calibration_batches": len(batches) if coll else p.reused.calibration["size"],  # type: ignore[union-attr]
+            "range_passes": coll.passes if coll else 0,
+            "range_chunks": coll.chunks if coll else 0,
+            "exposed_bytes_per_batch": coll.estimated_bytes if coll else 0,
             "ranges_seconds": round(ranges_s, 2),
             "quantize_seconds": round(quant_s, 2),
         }
@@ -275,7 +356,7 @@ def assess(p: Plan, cal: Calibration, out_dir: Path, log: Log = lambda s: None) 
     if o.quality_prompts:
         prompts = cal.calib.prompts
         qp = [prompts[i % len(prompts)] for i in range(o.quality_prompts)]
-        quality["images"] = image_psnr(art.path, out_dir, qp, o.calib_steps, o.seed + 7, o.threads)
+        quality["images"] = image_psnr(art.path, out_dir, qp, cal.calib.steps, cal.calib.seed + 7, o.threads)
         log(f"quality: image PSNR vs source {quality['images']['psnr_mean']:.2f} dB")
     return quality
 
@@ -298,7 +379,7 @@ def _manifest_section(p: Plan, cal: Calibration, report: dict[str, Any], sens: d
         "method": o.method,
         "percentile": o.percentile if o.method == "percentile" else None,
         "components": p.components,
-        "calibration": cal.calib.meta(),
+        "calibration": cal.meta(),
         "calibration_seconds": round(cal.seconds, 2),
         "max_calib_memory": o.max_calib_memory,
         "exclusions": {

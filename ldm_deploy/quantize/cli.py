@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row per block (default, cheap) or per quantizable node (one quantization each)")
     p.add_argument("--max-calib-memory", type=_size, default=2 << 30,
                    help="budget for the tensors exposed per run by histogram methods (default 2G)")
+    p.add_argument("--ranges-from", metavar="ARTIFACT",
+                   help="reuse the activation ranges of an earlier cpu/tensorrt ldm-quantize output of the same "
+                        "source (no calibration runs: its calibration settings apply); for trying other --exclude "
+                        "patterns at SD scale in minutes")
     p.add_argument("--holdout", type=int, default=4, help="held-out U-Net batches for the quality report (default 4)")
     p.add_argument("--quality-prompts", type=int, default=2, help="prompts for the image PSNR check (0 = skip)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         attention_matmuls={"auto": None, "on": True, "off": False}[args.attention_matmuls],
         sensitivity=args.sensitivity, sensitivity_group=args.sensitivity_group, holdout=args.holdout,
         quality_prompts=args.quality_prompts, max_calib_memory=args.max_calib_memory, seed=args.seed,
-        threads=args.threads, nncf_preset=args.nncf_preset, overwrite=args.overwrite, log=log,
+        threads=args.threads, nncf_preset=args.nncf_preset, ranges_from=args.ranges_from, overwrite=args.overwrite,
+        log=log,
     )
     q = m["quantization"]
     qual = q.get("quality", {})
