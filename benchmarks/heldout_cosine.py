@@ -3,7 +3,7 @@ batches ``ldm-quantize`` records for its quality report (same prompts, seed, ste
 from the calibration metadata of the first INT8 artifact and fed to every artifact given.
 
     python benchmarks/heldout_cosine.py --fp32 sd15-onnx --int8 ort=sd15-int8 nncf=sd15-ov-int8:openvino \
-        [--holdout 4] [-o benchmarks/results/heldout_cosine_sd15]
+        [--holdout 4] [--cache heldout.npz] [-o benchmarks/results/heldout_cosine_sd15]
 
 ``NAME=PATH[:BACKEND]``: ``ort-cpu`` (default) or ``openvino``. Writes ``<out>.json`` and ``<out>.md``.
 """
@@ -32,30 +32,43 @@ def _outputs(path: str, backend: str, batches: list[dict], threads: int) -> list
     return onnx_outputs(art.model_file("unet"), batches, threads)
 
 
+def heldout_batches(fp32: str, int8: str, n: int, threads: int = 0, cache: str | None = None) -> list[dict]:
+    """The ``n`` held-out U-Net batches ``ldm-quantize`` reported on for the INT8 artifact ``int8``, rebuilt by
+    sampling the fp32 artifact with its calibration settings; ``cache``: an npz to reuse (written if missing)."""
+    if cache and Path(cache).exists():
+        with np.load(cache) as z:
+            return [{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{i}/")} for i in range(n)]
+    from ldm_deploy.quantize.calibration import collect_calibration
+    from ldm_deploy.runtime import Pipeline
+
+    meta = json.loads((Path(int8) / "manifest.json").read_text())["quantization"]["calibration"]
+    pipe = Pipeline.load(fp32, threads=threads, verify=False, components=("text_encoder", "unet", "vae_decoder"))
+    held = collect_calibration(pipe, list(reversed(meta["prompts"])), n, meta["steps"], meta["seed"] + 100_003,
+                               meta["guidance_scale"], meta["height"], meta["width"])
+    if cache:
+        held.save(cache)
+    return held.batches
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fp32", required=True)
     ap.add_argument("--int8", nargs="+", required=True, metavar="NAME=PATH[:BACKEND]")
     ap.add_argument("--holdout", type=int, default=4)
+    ap.add_argument("--cache", help="npz of the held-out batches (written if missing)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("-o", "--output", default="benchmarks/results/heldout_cosine")
     a = ap.parse_args()
 
-    from ldm_deploy.quantize.calibration import collect_calibration
     from ldm_deploy.numerics import compare, mean_errors
-    from ldm_deploy.runtime import Pipeline
 
     variants = []
     for spec in a.int8:
         name, rest = spec.split("=", 1)
         path, _, backend = rest.partition(":")
         variants.append((name, path, backend or "ort-cpu"))
+    batches = heldout_batches(a.fp32, variants[0][1], a.holdout, a.threads, a.cache)
     meta = json.loads((Path(variants[0][1]) / "manifest.json").read_text())["quantization"]["calibration"]
-    pipe = Pipeline.load(a.fp32, threads=a.threads, verify=False, components=("text_encoder", "unet", "vae_decoder"))
-    held = collect_calibration(pipe, list(reversed(meta["prompts"])), a.holdout, meta["steps"], meta["seed"] + 100_003,
-                               meta["guidance_scale"], meta["height"], meta["width"])
-    del pipe
-    batches = held.batches
     ref = _outputs(a.fp32, "ort-cpu", batches, a.threads)
     rows = []
     for name, path, backend in variants:
