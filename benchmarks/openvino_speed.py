@@ -9,6 +9,7 @@ Variants (each call of each variant in its own subprocess, so its peak RSS is it
 ``ov-f32``                ``--ov-fp32`` artifact (``--attention full``), hint f32
 ``ov-default``            same, OpenVINO's default precision for the CPU
 ``ov-nncf-int8``          ``--ov-int8`` (or ``ldm-quantize --target openvino``, timed)
+``ort-int8-NAME``         ``--ort-int8-alt NAME=PATH``: other cpu INT8 recipes, on ORT
 ========================  ==========================================================
 
 Rounds are interleaved (every variant once per round, ``--rounds R`` times) so a slow spell of a
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--ort-fp32", required=True, help="fp32 artifact (default export) for ONNX Runtime")
     ap.add_argument("--ov-fp32", required=True, help="fp32 artifact exported with --attention full")
     ap.add_argument("--ort-int8", help="INT8 artifact (ldm-quantize --target cpu); default: quantized here")
+    ap.add_argument("--ort-int8-alt", nargs="+", default=[], metavar="NAME=PATH",
+                    help="more cpu INT8 artifacts (other recipes) run as variants ort-int8-NAME")
     ap.add_argument("--ov-int8", help="NNCF INT8 artifact (ldm-quantize --target openvino); default: quantized here")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1, help="prompts (the U-Net gets 2x with CFG)")
@@ -169,6 +172,12 @@ def main() -> None:
     spec = {"ort-fp32": ("ort", a.ort_fp32, None), "ort-int8": ("ort", ort_int8, None),
             "ov-f32": ("ov", a.ov_fp32, "f32"), "ov-default": ("ov", a.ov_fp32, "default"),
             "ov-nncf-int8": ("ov", ov_int8, "default")}
+    for alt in a.ort_int8_alt:
+        name, _, path = alt.partition("=")
+        spec[f"ort-int8-{name}"] = ("ort", path, None)
+        builds[f"ort-int8-{name}"] = _prebuilt(path)
+        last = max((i for i, v in enumerate(a.variants) if v.startswith("ort-int8")), default=len(a.variants) - 1)
+        a.variants.insert(last + 1, f"ort-int8-{name}")
     runs: dict[str, list[dict]] = {v: [] for v in a.variants}
     for r in range(a.rounds):
         for v in a.variants:
