@@ -223,6 +223,8 @@ def test_nncf_target_bad_input(full_attention, tiny_random_fp32, tmp_path):
         quantize_artifact(full_attention, tmp_path / "b", target="openvino", nncf_preset="fast")
     with pytest.raises(LdmDeployError, match="NNCF estimates its own"):
         quantize_artifact(full_attention, tmp_path / "c", target="openvino", method="percentile")
+    with pytest.raises(LdmDeployError, match="--reduce-range is for the cpu target"):
+        quantize_artifact(full_attention, tmp_path / "rr", target="openvino", reduce_range=True)
     with pytest.raises(LdmDeployError, match="--ranges-from applies to the cpu and tensorrt"):
         quantize_artifact(full_attention, tmp_path / "r", target="openvino", ranges_from=str(tmp_path))
     with pytest.raises(LdmDeployError, match="quantizes unet"):

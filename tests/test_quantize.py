@@ -357,3 +357,56 @@ def test_ranges_from_bad_inputs(cpu_int8, tiny_random_fp32, tiny_random_trt, tmp
     assert "--sensitivity" in _fail(capsys, src, "-o", out, "--ranges-from", prev, "--sensitivity")
     assert "does not exist" in _fail(capsys, src, "-o", out, "--ranges-from", str(tmp_path / "missing"))
     assert not Path(out).exists()
+
+
+def _int8_weight_extremes(art: Path) -> tuple[int, int]:
+    lo = hi = 0
+    for t in _unet(art).graph.initializer:
+        if t.data_type == onnx.TensorProto.INT8:
+            a = numpy_helper.to_array(t)
+            lo, hi = min(lo, int(a.min())), max(hi, int(a.max()))
+    return lo, hi
+
+
+def test_reduce_range_gives_7_bit_weights(cpu_int8, tiny_random_fp32, tmp_path):
+    full = _int8_weight_extremes(cpu_int8)
+    assert full[0] <= -100 and full[1] >= 100  # full-range int8 weights by default
+    out = tmp_path / "rr"
+    m = quantize_artifact(tiny_random_fp32, out, target="cpu", ranges_from=str(cpu_int8), reduce_range=True,
+                          holdout=2, quality_prompts=0)["quantization"]
+    lo, hi = _int8_weight_extremes(out)
+    assert -64 <= lo and hi <= 64 and hi - lo > 100  # 7 bits, still used
+    assert m["recipe"]["reduce_range"] is True
+    first = Artifact.open(cpu_int8).manifest["quantization"]
+    assert m["per_component"]["unet"]["quantize_linear"] == first["per_component"]["unet"]["quantize_linear"]
+    assert m["quality"]["unet_heldout"]["cosine"] > 0.99
+
+
+def test_reduce_range_only_for_the_cpu_target():
+    with pytest.raises(Exception, match="--reduce-range is for the cpu target"):
+        recipe("tensorrt", reduce_range=True)
+
+
+def test_saturation_warning_on_avx2_without_vnni(cpu_int8, monkeypatch):
+    import warnings
+
+    from ldm_deploy.runtime import cpu_features
+    from ldm_deploy.runtime.cpu_features import int8_saturation_warning, u8s8_saturates
+
+    avx2, vnni = frozenset({"sse4_2", "avx2"}), frozenset({"avx2", "avx512f", "avx512_vnni"})
+    assert u8s8_saturates(avx2) and not u8s8_saturates(vnni) and not u8s8_saturates(frozenset())
+    m = Artifact.open(cpu_int8).manifest
+    assert "--reduce-range" in int8_saturation_warning(m, avx2)
+    assert int8_saturation_warning(m, vnni) is None
+    rr = json.loads(json.dumps(m))
+    rr["quantization"]["recipe"]["reduce_range"] = True
+    assert int8_saturation_warning(rr, avx2) is None
+    assert int8_saturation_warning({"precision": "fp32"}, avx2) is None
+
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: avx2)
+    with pytest.warns(RuntimeWarning, match="--reduce-range"):
+        Pipeline.load(cpu_int8, components=("unet",))
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: vnni)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pipeline.load(cpu_int8, components=("unet",))

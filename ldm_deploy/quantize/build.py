@@ -62,6 +62,7 @@ class QuantizeOptions:
     quantize_cross_kv: bool = False
     quant_format: str | None = None  # "qdq" / "qoperator"; None: the target's
     attention_matmuls: bool | None = None  # None: the target's choice
+    reduce_range: bool = False  # cpu target: 7-bit weights (no u8s8 saturation on CPUs without VNNI)
     sensitivity: bool = False
     sensitivity_group: str = "block"
     sensitivity_batches: int = 2
@@ -166,7 +167,7 @@ def plan(source: Path | str, out: Path | str, opts: QuantizeOptions, overwrite: 
     _check_components(art, comps)
     if opts.prompts is not None and not opts.prompts:
         raise LdmDeployError("the calibration prompt list is empty")
-    rcp = recipe(opts.target, opts.quant_format, opts.attention_matmuls)
+    rcp = recipe(opts.target, opts.quant_format, opts.attention_matmuls, opts.reduce_range)
     if not 0.0 < opts.percentile <= 100.0:
         raise LdmDeployError(f"percentile {opts.percentile} is outside (0, 100]")
     check_threads(opts.threads)

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-cross-kv", action="store_true", help="quantize cross-attention to_k/to_v too")
     p.add_argument("--attention-matmuls", choices=("auto", "on", "off"), default="auto",
                    help="quantize activation x activation attention MatMuls (auto: off for cpu, on for tensorrt)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="cpu target: 7-bit weights, for CPUs without VNNI (AVX2 only), where ORT's u8s8 kernels "
+                        "saturate with full-range weights; same speed")
     p.add_argument("--sensitivity", action="store_true",
                    help="write a per-block sensitivity table (sensitivity_<component>.md/.json in OUT)")
     p.add_argument("--sensitivity-group", choices=("block", "layer"), default="block",
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         percentile=args.percentile, exclude=args.exclude, default_exclusions=not args.no_default_exclusions,
         quantize_cross_kv=args.quantize_cross_kv, quant_format=args.quant_format,
         attention_matmuls={"auto": None, "on": True, "off": False}[args.attention_matmuls],
-        sensitivity=args.sensitivity, sensitivity_group=args.sensitivity_group, holdout=args.holdout,
+        reduce_range=args.reduce_range, sensitivity=args.sensitivity, sensitivity_group=args.sensitivity_group,
+        holdout=args.holdout,
         quality_prompts=args.quality_prompts, max_calib_memory=args.max_calib_memory, seed=args.seed,
         threads=args.threads, nncf_preset=args.nncf_preset, ranges_from=args.ranges_from, overwrite=args.overwrite,
         log=log,

@@ -81,6 +81,8 @@ def check_options(art: Artifact, opts: QuantizeOptions, stage: Any) -> list[str]
                              "ranges (choose --nncf-preset)")
     if opts.sensitivity:
         raise LdmDeployError("--sensitivity is not available for the openvino target")
+    if opts.reduce_range:
+        raise LdmDeployError("--reduce-range is for the cpu target; OpenVINO handles CPUs without VNNI itself")
     if opts.ranges_from:
         raise LdmDeployError("--ranges-from applies to the cpu and tensorrt targets; NNCF estimates its own ranges")
     if opts.prompts is not None and not opts.prompts:

@@ -66,14 +66,19 @@ class Recipe:
     extra_options: dict[str, Any] = field(default_factory=dict)
     #: graph rewrites applied around ORT's quantizer (see :mod:`.rewrites`)
     rewrites: tuple[str, ...] = ()
+    #: 7-bit weights ([-64, 63]): the u8s8 kernels of CPUs without VNNI (AVX2's VPMADDUBSW) add
+    #: pairs of u8 x s8 products in int16, which saturates with full-range weights
+    reduce_range: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def recipe(target: str, quant_format: str | None = None, attention_matmuls: bool | None = None) -> Recipe:
+def recipe(target: str, quant_format: str | None = None, attention_matmuls: bool | None = None,
+           reduce_range: bool = False) -> Recipe:
     """The recipe of a target. ``attention_matmuls``: quantize activation x activation MatMuls
-    (default: no on cpu, yes on tensorrt)."""
+    (default: no on cpu, yes on tensorrt). ``reduce_range``: 7-bit weights for CPUs without VNNI
+    (cpu target only)."""
     if target not in TARGETS:
         raise LdmDeployError(f"unknown target {target!r} (choose from {', '.join(TARGETS)})")
     ops = ("Conv", "MatMul", "Gemm")
@@ -88,7 +93,10 @@ def recipe(target: str, quant_format: str | None = None, attention_matmuls: bool
             # MatMul -> MatMulIntegerToFloat needs no output Q; keeping MatMul outputs float also keeps
             # Softmax out of Q/DQ (ORT would otherwise fuse it into QLinearSoftmax).
             "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-        }, rewrites=("split_geglu", "fold_matmul_bias") if fmt == "qdq" else ("split_geglu",))
+        }, rewrites=("split_geglu", "fold_matmul_bias") if fmt == "qdq" else ("split_geglu",),
+            reduce_range=reduce_range)
+    if reduce_range:
+        raise LdmDeployError("--reduce-range is for the cpu target (ORT's u8s8 kernels on CPUs without VNNI)")
     if quant_format not in (None, "qdq"):
         raise LdmDeployError("the tensorrt target writes QDQ graphs only")
     attn = True if attention_matmuls is None else attention_matmuls
@@ -200,10 +208,11 @@ def quantize_onnx(
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer warns per tensor
     try:
         if rcp.quant_format == "qoperator":
-            q = ONNXQuantizer(model, rcp.per_channel, False, QuantizationMode.QLinearOps, True, wt, at, tensors,
+            q = ONNXQuantizer(model, rcp.per_channel, rcp.reduce_range, QuantizationMode.QLinearOps, True, wt, at,
+                              tensors,
                               list(nodes_to_quantize), list(nodes_to_exclude), list(rcp.op_types), extra)
         else:
-            q = QDQQuantizer(model, rcp.per_channel, False, wt, at, tensors, list(nodes_to_quantize),
+            q = QDQQuantizer(model, rcp.per_channel, rcp.reduce_range, wt, at, tensors, list(nodes_to_quantize),
                              list(nodes_to_exclude), list(rcp.op_types), extra)
         q.quantize_model()
         q.model.topological_sort()  # dedicated Q/DQ pairs are appended out of order

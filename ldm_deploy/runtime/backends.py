@@ -14,12 +14,14 @@ the benchmark's runtime variants all read :data:`BACKENDS`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..artifact import Artifact
 from ..errors import LdmDeployError
 from .components import Component, OnnxComponent
+from .cpu_features import int8_saturation_warning
 from .sessions import provider_unavailable
 
 
@@ -75,6 +77,10 @@ def check_artifact_backend(art: Artifact, backend: str) -> None:
 
 def _onnxruntime(provider: str) -> Callable[[Artifact, Sequence[str], LoadOptions], dict[str, Component]]:
     def load(art: Artifact, names: Sequence[str], opts: LoadOptions) -> dict[str, Component]:
+        if provider == "cpu":
+            msg = int8_saturation_warning(art.manifest)
+            if msg:
+                warnings.warn(msg, RuntimeWarning, stacklevel=4)
         return {c: OnnxComponent.load(art.spec(c), art.model_file(c), provider, opts.threads, opts.low_memory)
                 for c in names}
 
