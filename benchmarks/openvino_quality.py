@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--calib-steps", type=int, default=20)
+    ap.add_argument("--reduce-range", action="store_true", help="ORT INT8 with 7-bit weights (CPUs without VNNI)")
+    ap.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN", help="ORT INT8: more nodes kept in fp32")
     ap.add_argument("-o", "--output", default="benchmarks/results/openvino_quality_tiny")
     a = ap.parse_args()
 
@@ -54,10 +56,13 @@ def main() -> None:
         quantized = {}
         for target, src in (("cpu", a.ort_artifact), ("openvino", a.ov_artifact)):
             t0 = time.perf_counter()  # the same calibration settings (and so the same trajectories) for both
+            recipe = dict(reduce_range=a.reduce_range, exclude=a.exclude) if target == "cpu" else {}
             m = quantize_artifact(src, Path(tmp) / target, target=target, calib_size=a.calib_size,
-                                  calib_steps=a.calib_steps, quality_prompts=0, threads=a.threads)
+                                  calib_steps=a.calib_steps, quality_prompts=0, threads=a.threads, **recipe)
             quantized[target] = (str(Path(tmp) / target), m, time.perf_counter() - t0)
-        variants = [("ORT INT8 (cpu target)", "ort-cpu", quantized["cpu"], {}),
+        ort_name = "ORT INT8 (cpu target" + (", --reduce-range" if a.reduce_range else "") + (
+            f", --exclude {' '.join(a.exclude)}" if a.exclude else "") + ")"
+        variants = [(ort_name, "ort-cpu", quantized["cpu"], {}),
                     ("OpenVINO f32", "openvino", (a.ov_artifact, None, None), {"precision_hint": "f32"}),
                     ("OpenVINO default", "openvino", (a.ov_artifact, None, None), {"precision_hint": "default"}),
                     ("OpenVINO + NNCF INT8", "openvino", quantized["openvino"], {})]
