@@ -38,13 +38,13 @@ def heldout_batches(fp32: str, int8: str, n: int, threads: int = 0, cache: str |
     if cache and Path(cache).exists():
         with np.load(cache) as z:
             return [{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{i}/")} for i in range(n)]
-    from ldm_deploy.quantize.calibration import collect_calibration
+    from ldm_deploy.quantize.calibration import collect_heldout
     from ldm_deploy.runtime import Pipeline
 
     meta = json.loads((Path(int8) / "manifest.json").read_text())["quantization"]["calibration"]
     pipe = Pipeline.load(fp32, threads=threads, verify=False, components=("text_encoder", "unet", "vae_decoder"))
-    held = collect_calibration(pipe, list(reversed(meta["prompts"])), n, meta["steps"], meta["seed"] + 100_003,
-                               meta["guidance_scale"], meta["height"], meta["width"])
+    held = collect_heldout(pipe, meta["prompts"], n, meta["steps"], meta["seed"], meta["guidance_scale"],
+                           meta["height"], meta["width"])
     if cache:
         held.save(cache)
     return held.batches

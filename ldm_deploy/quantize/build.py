@@ -32,7 +32,7 @@ from ..onnx_ops import check_no_ort_only_ops
 from ..runtime.sessions import check_threads
 from ..specs import COMPONENTS, OPTIONAL_COMPONENTS
 from .assess import compare_models, image_psnr
-from .calibration import CalibrationSet, collect_calibration
+from .calibration import CalibrationSet, collect_calibration, collect_heldout
 from .ranges import calibration_targets, collect_ranges, load_structure
 from .recipes import Recipe, exclusion_patterns, match_nodes, quantizable_nodes, quantize_onnx, recipe
 from .sensitivity import sensitivity_markdown, sensitivity_table
@@ -249,8 +249,8 @@ def _heldout_only(p: Plan, pipeline: Any, log: Log) -> Calibration:
     if o.holdout:
         pipe = pipeline or Pipeline.load(p.art.path, threads=o.threads, verify=False,
                                          components=("text_encoder", "unet", "vae_decoder"))
-        held = collect_calibration(pipe, list(reversed(prompts)), o.holdout, meta["steps"], meta["seed"] + 100_003,
-                                   meta["guidance_scale"], meta["height"], meta["width"])
+        held = collect_heldout(pipe, prompts, o.holdout, meta["steps"], meta["seed"], meta["guidance_scale"],
+                               meta["height"], meta["width"])
     log(f"calibration: ranges reused from {p.reused.path}; held-out batches in {time.perf_counter() - t0:.1f} s")  # type: ignore[union-attr]
     return Calibration(calib, held, time.perf_counter() - t0, p.reused)
 
@@ -266,8 +266,8 @@ def calibrate_artifact(art: Artifact, o: QuantizeOptions, components: list[str],
     others = [c for c in components if c not in ("unet", "unet_shallow")]
     calib = collect_calibration(pipe, o.prompts, o.calib_size, o.calib_steps, o.seed, o.guidance_scale,
                                 o.calib_height, o.calib_width, o.calib_per_run, log, record_components=others)
-    held = collect_calibration(pipe, list(reversed(calib.prompts)), max(1, o.holdout), o.calib_steps,
-                               o.seed + 100_003, o.guidance_scale, o.calib_height, o.calib_width) if o.holdout else None
+    held = collect_heldout(pipe, calib.prompts, max(1, o.holdout), o.calib_steps, o.seed, o.guidance_scale,
+                           o.calib_height, o.calib_width) if o.holdout else None
     seconds = time.perf_counter() - t0
     log(f"calibration: {len(calib)} U-Net batches from {calib.runs} sampling runs in {seconds:.1f} s")
     return Calibration(calib, held, seconds)

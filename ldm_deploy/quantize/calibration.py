@@ -116,6 +116,15 @@ class CalibrationSet:
                  prompt_indices=np.array(self.prompt_indices))
 
 
+def collect_heldout(pipe: Any, prompts: Sequence[str], size: int, steps: int, seed: int, guidance_scale: float,
+                    height: int | None = None, width: int | None = None) -> CalibrationSet:
+    """The held-out batches of a calibration with these settings: the same selection over the prompts in
+    reverse order with other seeds, so no batch repeats a calibration trajectory. ``ldm-quantize`` reports
+    its quality on them; rebuilt from an artifact's calibration meta they are the same batches."""
+    return collect_calibration(pipe, list(reversed(prompts)), size, steps, seed + 100_003, guidance_scale, height,
+                               width)
+
+
 def selection(size: int, steps: int, per_run: int | None = None) -> tuple[int, list[tuple[int, int]]]:
     """(number of sampling runs, [(run, step index)] for each kept batch)."""
     if size < 1:
